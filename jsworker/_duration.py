@@ -10,8 +10,14 @@ from ._errors import ConfigError
 Duration = float | int | timedelta
 
 
-def seconds(value: Duration, *, name: str, minimum: float = 0.0, maximum: float | None = None,
-            allow_zero: bool = False) -> float:
+def seconds(
+    value: Duration,
+    *,
+    name: str,
+    minimum: float = 0.0,
+    maximum: float | None = None,
+    allow_zero: bool = False,
+) -> float:
     """Return ``value`` in seconds, refusing negatives, NaN and out-of-range values."""
     if isinstance(value, timedelta):
         s = value.total_seconds()

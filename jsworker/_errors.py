@@ -57,7 +57,7 @@ class PayloadError(TaskError, ValueError):
     """A payload is not valid JSON or is too large."""
 
 
-class TaskFailed(TaskError):  # noqa: N818 - reads better at the call site
+class TaskFailed(TaskError):
     """Raised by ``TaskHandle.result()`` when the task failed for good.
 
     Attributes: ``error`` (the message the handler gave), ``kind`` (``non_retriable``,
@@ -71,7 +71,7 @@ class TaskFailed(TaskError):  # noqa: N818 - reads better at the call site
         self.event = event or {}
 
 
-class TaskTimeout(TaskError, TimeoutError):  # noqa: N818
+class TaskTimeout(TaskError, TimeoutError):
     """No result arrived within the given timeout. The task may still finish."""
 
 

@@ -25,7 +25,9 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from . import _names as n
 from ._errors import ConfigError, NotProvisionedError, ServerError
 
-Status = Literal["created", "exists", "updated", "drifted", "missing", "would-create", "would-update"]
+Status = Literal[
+    "created", "exists", "updated", "drifted", "missing", "would-create", "would-update"
+]
 Mode = Literal["apply", "check", "dry_run"]
 
 MINUTE = 60.0
@@ -55,19 +57,41 @@ class ProvisionResult:
     details: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return {"kind": self.kind, "name": self.name, "status": self.status, "details": self.details}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "status": self.status,
+            "details": self.details,
+        }
 
 
 def stream_specs() -> list[StreamSpec]:
     return [
-        StreamSpec(n.TASK_STREAM, ("task.>",), RetentionPolicy.WORK_QUEUE,
-                   duplicate_window=10 * MINUTE),
-        StreamSpec(n.STICKY_STREAM, ("sticky.>",), RetentionPolicy.WORK_QUEUE,
-                   storage=StorageType.MEMORY, max_age=30 * MINUTE, duplicate_window=2 * MINUTE),
-        StreamSpec(n.HISTORY_STREAM, ("history.>",), RetentionPolicy.LIMITS,
-                   max_age=7 * DAY, duplicate_window=10 * MINUTE),
-        StreamSpec(n.DEAD_LETTER_STREAM, ("dead.>",), RetentionPolicy.LIMITS,
-                   max_age=30 * DAY, duplicate_window=2 * MINUTE),
+        StreamSpec(
+            n.TASK_STREAM, ("task.>",), RetentionPolicy.WORK_QUEUE, duplicate_window=10 * MINUTE
+        ),
+        StreamSpec(
+            n.STICKY_STREAM,
+            ("sticky.>",),
+            RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.MEMORY,
+            max_age=30 * MINUTE,
+            duplicate_window=2 * MINUTE,
+        ),
+        StreamSpec(
+            n.HISTORY_STREAM,
+            ("history.>",),
+            RetentionPolicy.LIMITS,
+            max_age=7 * DAY,
+            duplicate_window=10 * MINUTE,
+        ),
+        StreamSpec(
+            n.DEAD_LETTER_STREAM,
+            ("dead.>",),
+            RetentionPolicy.LIMITS,
+            max_age=30 * DAY,
+            duplicate_window=2 * MINUTE,
+        ),
     ]
 
 
@@ -81,7 +105,10 @@ _KV: dict[str, tuple[float, int]] = {
     n.SIGNALS_BUCKET: (7 * DAY, 1),
 }
 REQUIRED_BUCKETS: tuple[str, ...] = (
-    n.WORKERS_BUCKET, n.RATE_LIMITS_BUCKET, n.STICKY_BINDINGS_BUCKET, n.PARTITION_GROUPS_BUCKET,
+    n.WORKERS_BUCKET,
+    n.RATE_LIMITS_BUCKET,
+    n.STICKY_BINDINGS_BUCKET,
+    n.PARTITION_GROUPS_BUCKET,
 )
 OPTIONAL_BUCKETS: tuple[str, ...] = (n.CHECKPOINTS_BUCKET, n.SIGNALS_BUCKET)
 
@@ -89,9 +116,13 @@ OPTIONAL_BUCKETS: tuple[str, ...] = (n.CHECKPOINTS_BUCKET, n.SIGNALS_BUCKET)
 def kv_spec(bucket: str) -> StreamSpec:
     ttl, history = _KV[bucket]
     return StreamSpec(
-        f"KV_{bucket}", (f"$KV.{bucket}.>",), RetentionPolicy.LIMITS, max_age=ttl,
+        f"KV_{bucket}",
+        (f"$KV.{bucket}.>",),
+        RetentionPolicy.LIMITS,
+        max_age=ttl,
         duplicate_window=min(ttl, 2 * MINUTE) if ttl else 2 * MINUTE,
-        max_msgs_per_subject=history, kv_bucket=bucket,
+        max_msgs_per_subject=history,
+        kv_bucket=bucket,
     )
 
 
@@ -129,8 +160,13 @@ def _v(x: object) -> str:
 
 
 async def _ensure(
-    js: JetStreamContext, kind: Literal["stream", "kv"], spec: StreamSpec, *,
-    replicas: int, mode: Mode, update: bool,
+    js: JetStreamContext,
+    kind: Literal["stream", "kv"],
+    spec: StreamSpec,
+    *,
+    replicas: int,
+    mode: Mode,
+    update: bool,
 ) -> ProvisionResult:
     name = spec.kv_bucket or spec.name
     try:
@@ -160,15 +196,20 @@ async def _ensure(
     try:
         await js.update_stream(cfg)
     except nats.js.errors.APIError as e:
-        return ProvisionResult(kind, name, "drifted", [*details, f"update refused: {e.description}"])
+        return ProvisionResult(
+            kind, name, "drifted", [*details, f"update refused: {e.description}"]
+        )
     return ProvisionResult(kind, name, "drifted" if unsafe else "updated", details)
 
 
 async def _create(js: JetStreamContext, spec: StreamSpec, replicas: int) -> None:
     if spec.kv_bucket is not None:
         await js.create_key_value(
-            bucket=spec.kv_bucket, ttl=spec.max_age or None, history=spec.max_msgs_per_subject,
-            replicas=replicas, storage=spec.storage,
+            bucket=spec.kv_bucket,
+            ttl=spec.max_age or None,
+            history=spec.max_msgs_per_subject,
+            replicas=replicas,
+            storage=spec.storage,
         )
         return
     await js.add_stream(
@@ -204,8 +245,12 @@ async def setup_streams(
 
 
 async def setup_kv_buckets(
-    nc: NATS, *, replicas: int = 1, optional: Iterable[str] = OPTIONAL_BUCKETS,
-    mode: Mode = "apply", update: bool = True,
+    nc: NATS,
+    *,
+    replicas: int = 1,
+    optional: Iterable[str] = OPTIONAL_BUCKETS,
+    mode: Mode = "apply",
+    update: bool = True,
 ) -> list[ProvisionResult]:
     """Create (or check) the KV buckets: ``workers``, ``rate_limits``, ``sticky_bindings``,
     ``elastic-consumer-groups`` and the optional ones named in ``optional`` (default
@@ -223,8 +268,12 @@ async def setup_kv_buckets(
 
 
 async def setup_all(
-    nc: NATS, *, replicas: int = 1, optional: Iterable[str] = OPTIONAL_BUCKETS,
-    mode: Mode = "apply", update: bool = True,
+    nc: NATS,
+    *,
+    replicas: int = 1,
+    optional: Iterable[str] = OPTIONAL_BUCKETS,
+    mode: Mode = "apply",
+    update: bool = True,
 ) -> list[ProvisionResult]:
     """``setup_streams`` then ``setup_kv_buckets``; see both."""
     return [

@@ -200,12 +200,15 @@ class EmbeddedServer:
                 f"nats-server exited with code {self._proc.returncode} while starting:\n"
                 + self.log_tail()
             )
-        return bool(self._log and self._log.exists() and _READY in self._log.read_text("utf-8", "replace"))
+        return bool(
+            self._log and self._log.exists() and _READY in self._log.read_text("utf-8", "replace")
+        )
 
     def _fail_timeout(self) -> None:
         self.stop_sync()
         raise EmbeddedServerError(
-            f"nats-server did not become ready within {self.startup_timeout:g}s:\n" + self.log_tail()
+            f"nats-server did not become ready within {self.startup_timeout:g}s:\n"
+            + self.log_tail()
         )
 
     def start_sync(self) -> EmbeddedServer:
@@ -291,9 +294,11 @@ class EmbeddedCluster:
                 name=f"{name}-n{i}",
                 startup_timeout=startup_timeout,
             )
-            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(cports) if j != i)
+            routes = ", ".join(
+                f"nats-route://127.0.0.1:{p}" for j, p in enumerate(cports) if j != i
+            )
             srv._cluster_block = (
-                f"cluster {{ name: {_q(name)}, listen: \"127.0.0.1:{cports[i]}\", "
+                f'cluster {{ name: {_q(name)}, listen: "127.0.0.1:{cports[i]}", '
                 f"routes: [{routes}] }}"
             )
             self.servers.append(srv)

@@ -117,7 +117,9 @@ class TaskPayload:
         )
 
 
-def event_msg_id(run_id: str, step_id: str, event_type: str, suffix: int | None = None) -> str:
+def event_msg_id(
+    run_id: str, step_id: str, event_type: str, suffix: int | str | None = None
+) -> str:
     """``Nats-Msg-Id`` of a lifecycle event: ``{run}.{step}.{type}[.{n}]``.
 
     ``n`` is the attempt for ``step.started`` and retriable ``step.failed`` (each attempt

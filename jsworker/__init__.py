@@ -1,0 +1,71 @@
+"""jsworker: task handlers on NATS JetStream.
+
+The public API is what this module exports; everything in ``_modules`` is private.
+"""
+
+from ._client import Client, TaskHandle, TaskRequest
+from ._context import Outcome, TaskCancelledError, TaskContext, TaskInfo
+from ._directory import list_workers
+from ._errors import (
+    ConfigError,
+    ConsumerConflictError,
+    EmbeddedServerError,
+    InvalidNameError,
+    JSWorkerError,
+    LifecycleError,
+    NotProvisionedError,
+    OutcomeAlreadySetError,
+    PayloadError,
+    PermanentError,
+    RetryableError,
+    ServerError,
+    TaskError,
+    TaskFailed,
+    TaskTimeout,
+)
+from ._provision import ProvisionResult, setup_all, setup_kv_buckets, setup_streams
+from ._retry import RetryPolicy
+from ._server import EmbeddedCluster, EmbeddedServer, find_nats_server
+from ._services import SignalTimeoutError
+from ._telemetry import Telemetry
+from ._version import __version__
+from ._worker import Worker, WorkerStats
+
+__all__ = [
+    "Client",
+    "ConfigError",
+    "ConsumerConflictError",
+    "EmbeddedCluster",
+    "EmbeddedServer",
+    "EmbeddedServerError",
+    "InvalidNameError",
+    "JSWorkerError",
+    "LifecycleError",
+    "NotProvisionedError",
+    "Outcome",
+    "OutcomeAlreadySetError",
+    "PayloadError",
+    "PermanentError",
+    "ProvisionResult",
+    "RetryPolicy",
+    "RetryableError",
+    "ServerError",
+    "SignalTimeoutError",
+    "TaskCancelledError",
+    "TaskContext",
+    "TaskError",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskInfo",
+    "TaskRequest",
+    "TaskTimeout",
+    "Telemetry",
+    "Worker",
+    "WorkerStats",
+    "__version__",
+    "find_nats_server",
+    "list_workers",
+    "setup_all",
+    "setup_kv_buckets",
+    "setup_streams",
+]

@@ -1,0 +1,248 @@
+"""Submitting tasks and waiting for their outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+
+from . import _names as n
+from . import _wire as w
+from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
+from ._services import Services
+from ._telemetry import current_traceparent
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """One task for :meth:`Client.submit_many`."""
+
+    task_type: str
+    input: Any = None
+    group: str | None = None
+    run_id: str | None = None
+    step_id: str | None = None
+    metadata: Mapping[str, str] | None = None
+
+
+class TaskHandle:
+    """A submitted task. ``duplicate`` is True when the server had already seen its id."""
+
+    def __init__(
+        self,
+        client: Client,
+        task_type: str,
+        run_id: str,
+        step_id: str,
+        task_id: str,
+        subject: str,
+        duplicate: bool,
+        sequence: int,
+    ) -> None:
+        self.client = client
+        self.task_type = task_type
+        self.run_id = run_id
+        self.step_id = step_id
+        self.task_id = task_id
+        self.subject = subject
+        self.duplicate = duplicate
+        self.sequence = sequence
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.task_type!r}, run_id={self.run_id!r}, step_id={self.step_id!r})"
+
+    async def events(self, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every lifecycle event of this task's step, from the start, as dicts."""
+        async for ev in self.client.run_events(self.run_id, timeout=timeout):
+            if ev.get("step_id") == self.step_id:
+                yield ev
+
+    async def result(self, timeout: float | None = 60.0) -> Any:
+        """Wait for the outcome: the output on success; :class:`TaskFailed` on a
+        terminal failure; :class:`TaskTimeout` when ``timeout`` seconds pass first."""
+        ev = await self.client.wait_outcome(self.run_id, self.step_id, timeout=timeout)
+        return ev.get("payload", {}).get("output")
+
+
+class Client:
+    """Submit tasks to jsworker workers (any language) and read their outcome.
+
+    ``submit`` publishes ``task.{type}[.{group}].{run_id}`` with ``Nats-Msg-Id``
+    ``{run_id}.{step_id}.0``: submitting the same run and step twice is recorded once
+    (within the stream's 10 min duplicate window).
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.services = Services(nc)
+
+    def _build(
+        self,
+        task_type: str,
+        input: Any,
+        *,
+        group: str | None,
+        run_id: str | None,
+        step_id: str | None,
+        metadata: Mapping[str, str] | None,
+    ) -> tuple[str, bytes, str, str, str]:
+        n.validate_task_type(task_type)
+        if group is not None:
+            n.validate_group(group)
+        run_id = n.validate_token(run_id, "run id") if run_id is not None else n.new_run_id()
+        step_id = n.validate_token(step_id, "step id") if step_id is not None else task_type
+        tp, ts = current_traceparent()
+        task_id = n.new_task_id()
+        body = w.TaskPayload(
+            task_id=task_id,
+            run_id=run_id,
+            step_id=step_id,
+            iteration=0,
+            attempt=1,
+            input=w.to_json_value(input, "input"),
+            metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+            traceparent=tp,
+            tracestate=ts,
+        ).encode()
+        limit = self.nc.max_payload
+        if limit and len(body) > limit:
+            raise PayloadError(
+                f"task payload is {len(body)} bytes, over the server's max_payload of {limit} "
+                "bytes; store large inputs elsewhere (object store) and pass a reference"
+            )
+        return n.task_subject(task_type, run_id, group), body, run_id, step_id, task_id
+
+    async def submit(
+        self,
+        task_type: str,
+        input: Any = None,
+        *,
+        group: str | None = None,
+        run_id: str | None = None,
+        step_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> TaskHandle:
+        """Submit one task. ``input`` is JSON bytes or any JSON-serialisable value.
+
+        Raises ``InvalidNameError`` for bad names, ``PayloadError`` for non-JSON or
+        oversized input, ``NotProvisionedError`` when ``TASK_QUEUES`` is missing."""
+        subject, body, run_id, step_id, task_id = self._build(
+            task_type, input, group=group, run_id=run_id, step_id=step_id, metadata=metadata
+        )
+        try:
+            ack = await self.js.publish(
+                subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
+            )
+        except nats.errors.NoRespondersError:
+            raise NotProvisionedError(
+                f"no stream captures {subject}: run `jsworker kv setup` to create {n.TASK_STREAM}"
+            ) from None
+        except nats.errors.TimeoutError:
+            raise ServerError(f"publishing {subject} timed out") from None
+        return TaskHandle(
+            self, task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
+        )
+
+    async def submit_many(
+        self, tasks: Iterable[TaskRequest], *, window: int = 256
+    ) -> list[TaskHandle]:
+        """Submit many tasks with up to ``window`` publishes in flight; returns handles in
+        order. Every task is validated before anything is published."""
+        built = [
+            (
+                t,
+                self._build(
+                    t.task_type,
+                    t.input,
+                    group=t.group,
+                    run_id=t.run_id,
+                    step_id=t.step_id,
+                    metadata=t.metadata,
+                ),
+            )
+            for t in tasks
+        ]
+        sem = asyncio.Semaphore(window)
+
+        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str]) -> TaskHandle:
+            subject, body, run_id, step_id, task_id = b
+            async with sem:
+                ack = await self.js.publish(
+                    subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
+                )
+            return TaskHandle(
+                self, t.task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
+            )
+
+        return list(await asyncio.gather(*(one(t, b) for t, b in built)))
+
+    async def run_events(
+        self, run_id: str, *, timeout: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every event on ``history.{run_id}`` from the first, then live ones. Stops when
+        no event arrives for ``timeout`` seconds (``None``: never)."""
+        n.validate_token(run_id, "run id")
+        try:
+            sub = await self.js.subscribe(
+                n.history_subject(run_id),
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+                stream=n.HISTORY_STREAM,
+            )
+        except nats.js.errors.NotFoundError:
+            raise NotProvisionedError(
+                f"stream {n.HISTORY_STREAM} does not exist: run `jsworker kv setup`"
+            ) from None
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=timeout if timeout is not None else 3600.0)
+                except nats.errors.TimeoutError:
+                    if timeout is not None:
+                        return
+                    continue
+                with contextlib.suppress(ValueError):
+                    yield json.loads(msg.data)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def wait_outcome(
+        self, run_id: str, step_id: str, *, timeout: float | None = 60.0
+    ) -> dict[str, Any]:
+        """The terminal event of a step (``step.completed``), or raise ``TaskFailed``."""
+
+        async def _wait() -> dict[str, Any]:
+            async for ev in self.run_events(run_id):
+                if ev.get("step_id") != step_id:
+                    continue
+                et = ev.get("type")
+                p = ev.get("payload") or {}
+                if et == w.STEP_COMPLETED:
+                    return ev
+                if et == w.STEP_FAILED and p.get("kind") in w.TERMINAL_KINDS | {"max_iterations"}:
+                    raise TaskFailed(str(p.get("error", "")), str(p.get("kind")), ev)
+                if et == w.STEP_CANCELLED:
+                    raise TaskFailed(str(p.get("reason", "cancelled")), "cancelled", ev)
+            raise TaskTimeout("event stream ended")  # pragma: no cover
+
+        try:
+            return await asyncio.wait_for(_wait(), timeout)
+        except TimeoutError:
+            raise TaskTimeout(
+                f"no outcome for {run_id}/{step_id} within {timeout:g}s; the task may still "
+                "finish (check `jsworker task watch`)"
+            ) from None
+
+    async def send_signal(self, run_id: str, name: str, data: object = None) -> int:
+        """Send signal ``name`` to run ``run_id`` (KV ``signals``)."""
+        return await self.services.send_signal(run_id, name, data)

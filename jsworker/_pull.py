@@ -1,0 +1,240 @@
+"""A pull loop written against the JetStream API (``$JS.API.CONSUMER.MSG.NEXT``).
+
+nats-py's ``fetch`` holds one request at a time and cannot pass priority-group fields,
+so every handler runs its own :class:`PullLoop` instead. Each loop owns one wildcard
+inbox subscription ``{inbox}.*``; every pull request gets its own reply subject
+``{inbox}.{n}``, so a message or a status (404/408/409) says exactly which request it
+belongs to and the slots reserved for that request are returned precisely. Several
+requests may be outstanding, so capacity freed by finished tasks is pulled again at
+once instead of waiting for a request to expire.
+
+Loops are independent of each other: stopping or replacing one handler's loop never
+touches another's (the interactive mode relies on this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger("jsworker.pull")
+
+STATUS = "Status"
+DESCRIPTION = "Description"
+PENDING_MSGS = "Nats-Pending-Messages"
+
+
+class Slots:
+    """A counting pool of execution slots shared by every loop of one worker."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._changed = asyncio.Event()
+
+    async def take(self, most: int, least: int = 1) -> int:
+        """Wait for at least ``least`` free slots, then reserve up to ``most``."""
+        least = max(1, min(least, self.size))
+        while self.free < least:
+            self._changed.clear()
+            await self._changed.wait()
+        k = min(most, self.free)
+        self.free -= k
+        return k
+
+    def give(self, k: int = 1) -> None:
+        if k <= 0:
+            return
+        self.free += k
+        self._changed.set()
+
+
+@dataclass
+class _Request:
+    remaining: int
+    deadline: float
+
+
+@dataclass
+class PullStats:
+    requests: int = 0
+    delivered: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+class PullLoop:
+    """Pull messages for one consumer and hand each to ``dispatch``.
+
+    ``dispatch(msg)`` takes ownership of one slot, which it must give back when the
+    message is done. ``extra()`` returns fields merged into each request (priority
+    groups use it); ``on_status(code, desc, msg)`` sees every non-terminal status.
+    """
+
+    MAX_OUTSTANDING = 4
+
+    def __init__(
+        self,
+        nc: NATS,
+        stream: str,
+        consumer: str,
+        slots: Slots,
+        dispatch: Callable[[Msg], None],
+        *,
+        batch: int = 256,
+        expires: float = 5.0,
+        extra: Callable[[], dict[str, Any]] | None = None,
+        on_status: Callable[[str, str, Msg], Awaitable[None]] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.consumer = consumer
+        self.slots = slots
+        self.dispatch = dispatch
+        self.batch = batch
+        self.expires = expires
+        self.extra = extra
+        self.on_status = on_status
+        self.stats = PullStats()
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._requests: dict[str, _Request] = {}
+        self._seq = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self.error: BaseException | None = None
+
+    @property
+    def reserved(self) -> int:
+        return sum(r.remaining for r in self._requests.values())
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        self._task = asyncio.create_task(self._run(), name=f"pull:{self.consumer}")
+
+    async def _on_msg(self, msg: Msg) -> None:
+        hdr = msg.headers
+        if hdr and STATUS in hdr and not msg.data:
+            await self._on_status_msg(msg, hdr)
+            return
+        # JetStream delivers data messages with their original subject, so which request
+        # a message answers is not known; attribute it to the oldest open request (the
+        # server serves waiting requests in order). Slot accounting stays exact either
+        # way because a request's end status says how many it did not deliver.
+        for rid, req in self._requests.items():
+            if req.remaining > 0:
+                req.remaining -= 1
+                if req.remaining == 0:
+                    del self._requests[rid]
+                break
+        if self._stopping:
+            # arrived after stop: hand it back at once so no one waits for AckWait
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            self.slots.give(1)
+            return
+        self.stats.delivered += 1
+        self.dispatch(msg)
+
+    async def _on_status_msg(self, msg: Msg, hdr: dict[str, str]) -> None:
+        code = hdr[STATUS]
+        self.stats.statuses[code] = self.stats.statuses.get(code, 0) + 1
+        if code == "100":  # idle heartbeat
+            return
+        rid = msg.subject[len(self._inbox) + 1 :]
+        req = self._requests.pop(rid, None)
+        if code in ("404", "408", "409", "423"):
+            # the request is over: give back what it did not deliver
+            pending = hdr.get(PENDING_MSGS)
+            if pending is not None and pending.isdigit():
+                undelivered = int(pending)
+            else:
+                undelivered = req.remaining if req is not None else 0
+            self.slots.give(undelivered)
+            self._wake.set()
+        if code not in ("404", "408") and self.on_status is not None:
+            await self.on_status(code, hdr.get(DESCRIPTION, ""), msg)
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._expire_lost()
+                # With requests already out, wait for a quarter batch of free slots so
+                # slots trickling back one by one do not become many 1-message requests
+                # (the server refuses more than max_waiting of them).
+                while len(self._requests) >= self.MAX_OUTSTANDING and not self._stopping:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    self._expire_lost()
+                least = 1 if not self._requests else max(1, min(self.batch, self.slots.size) // 4)
+                k = await self._take(self.batch, least)
+                if k == 0:
+                    continue
+                if self._stopping:
+                    self.slots.give(k)
+                    break
+                self._seq += 1
+                rid = str(self._seq)
+                self._requests[rid] = _Request(k, time.monotonic() + self.expires + 2.0)
+                req: dict[str, Any] = {"batch": k, "expires": int(self.expires * 1e9)}
+                if self.extra is not None:
+                    req.update(self.extra())
+                self.stats.requests += 1
+                await self.nc.publish(
+                    self._api, json.dumps(req).encode(), reply=f"{self._inbox}.{rid}"
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # pragma: no cover - surfaced through .error / health
+            self.error = e
+            log.exception("pull loop %s failed", self.consumer)
+
+    async def _take(self, want: int, least: int) -> int:
+        """Reserve slots, waking periodically to expire requests lost to a reconnect."""
+        take = asyncio.ensure_future(self.slots.take(want, least))
+        while True:
+            done, _ = await asyncio.wait({take}, timeout=1.0)
+            if done:
+                return take.result()
+            self._expire_lost()
+            if self._stopping:
+                take.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    k = await take
+                    self.slots.give(k)
+                return 0
+
+    def _expire_lost(self) -> None:
+        now = time.monotonic()
+        for rid, r in list(self._requests.items()):
+            if r.deadline < now:
+                self._requests.pop(rid, None)
+                self.slots.give(r.remaining)
+
+    async def stop(self) -> None:
+        """Stop pulling. Outstanding requests are dropped with the inbox subscription;
+        anything that still arrives before that is nak'ed."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        for r in self._requests.values():
+            self.slots.give(r.remaining)
+        self._requests.clear()

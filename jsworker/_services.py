@@ -1,0 +1,157 @@
+"""Shared I/O used by task contexts and the client: checkpoints, signals, partial results.
+
+The ``checkpoints`` and ``signals`` buckets are optional (DESIGN.md): they are bound when
+present, and the calls that need them raise :class:`NotProvisionedError` naming
+``jsworker kv setup`` when they are not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+
+from . import _names as n
+from ._errors import NotProvisionedError, TaskError
+from ._wire import dumps, to_json_value
+
+if TYPE_CHECKING:
+    from ._context import TaskContext, TaskInfo
+
+KV_DEL_OPS = ("DEL", "PURGE")
+
+
+class SignalTimeoutError(TaskError, TimeoutError):
+    """``wait_for_signal`` timed out. Catch it to handle a missing signal."""
+
+
+class Services:
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.checkpoints: KeyValue | None = None
+        self.signals: KeyValue | None = None
+        self._bound = False
+
+    async def bind_optional(self) -> None:
+        """Bind the optional buckets if they exist (called by ``Worker.start``)."""
+        self.checkpoints = await _try_bucket(self.js, n.CHECKPOINTS_BUCKET)
+        self.signals = await _try_bucket(self.js, n.SIGNALS_BUCKET)
+        self._bound = True
+
+    async def _need(self, which: str) -> KeyValue:
+        if not self._bound:
+            await self.bind_optional()
+        kv = self.checkpoints if which == n.CHECKPOINTS_BUCKET else self.signals
+        if kv is None:
+            # re-check once: the bucket may have been created since start
+            kv = await _try_bucket(self.js, which)
+            if which == n.CHECKPOINTS_BUCKET:
+                self.checkpoints = kv
+            else:
+                self.signals = kv
+        if kv is None:
+            raise NotProvisionedError(
+                f"KV bucket {which!r} does not exist: run `jsworker kv setup` "
+                "(or jsworker.setup_kv_buckets(nc)) to enable "
+                + ("checkpoints" if which == n.CHECKPOINTS_BUCKET else "signals")
+            )
+        return kv
+
+    # ------------------------------------------------------------ checkpoints
+    async def save_checkpoint(self, info: TaskInfo, state: object) -> None:
+        kv = await self._need(n.CHECKPOINTS_BUCKET)
+        await kv.put(
+            n.checkpoint_key(info.run_id, info.step_id), dumps(to_json_value(state, "checkpoint"))
+        )
+
+    async def load_checkpoint(self, info: TaskInfo) -> Any:
+        kv = await self._need(n.CHECKPOINTS_BUCKET)
+        try:
+            entry = await kv.get(n.checkpoint_key(info.run_id, info.step_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return json.loads(entry.value) if entry.value else None
+
+    async def clear_checkpoint(self, run_id: str, step_id: str) -> None:
+        """Delete a finished task's checkpoint (no error when the bucket is missing)."""
+        if self.checkpoints is None:
+            return
+        try:
+            await self.checkpoints.purge(n.checkpoint_key(run_id, step_id))
+        except nats.js.errors.Error:
+            pass
+
+    # ---------------------------------------------------------------- signals
+    async def send_signal(self, run_id: str, name: str, data: object = None) -> int:
+        n.validate_token(run_id, "run id")
+        n.validate_token(name, "signal name")
+        kv = await self._need(n.SIGNALS_BUCKET)
+        return await kv.put(n.signal_key(run_id, name), dumps(to_json_value(data, "signal data")))
+
+    async def list_signals(self, run_id: str) -> dict[str, Any]:
+        n.validate_token(run_id, "run id")
+        kv = await self._need(n.SIGNALS_BUCKET)
+        out: dict[str, Any] = {}
+        try:
+            keys = await kv.keys(filters=[f"{run_id}.>"])
+        except nats.js.errors.NoKeysError:
+            return out
+        for k in keys:
+            try:
+                e = await kv.get(k)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            out[k[len(run_id) + 1 :]] = json.loads(e.value) if e.value else None
+        return out
+
+    async def wait_for_signal(
+        self, run_id: str, name: str, timeout: float, ctx: TaskContext | None = None
+    ) -> Any:
+        n.validate_token(name, "signal name")
+        kv = await self._need(n.SIGNALS_BUCKET)
+        # A watch delivers the key's current value first, so a signal sent before the
+        # wait started is not missed.
+        watcher = await kv.watch(n.signal_key(run_id, name))
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SignalTimeoutError(
+                        f"signal {name!r} for run {run_id} did not arrive within {timeout:g}s"
+                    )
+                try:
+                    entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is None or entry.operation in KV_DEL_OPS:
+                    continue
+                return json.loads(entry.value) if entry.value else None
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
+    # -------------------------------------------------------------- streaming
+    async def publish_chunk(self, info: TaskInfo, chunk: object) -> None:
+        data = chunk if isinstance(chunk, bytes) else dumps(to_json_value(chunk, "chunk"))
+        await self.nc.publish(n.stream_subject(info.run_id, info.step_id), data)
+
+
+async def _try_bucket(js: Any, bucket: str) -> KeyValue | None:
+    try:
+        kv: KeyValue = await js.key_value(bucket)
+        return kv
+    except nats.js.errors.BucketNotFoundError:
+        return None
+    except nats.js.errors.NotFoundError:
+        return None
+
+
+async def gather_quiet(*aws: Any) -> None:
+    await asyncio.gather(*aws, return_exceptions=True)
