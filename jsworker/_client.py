@@ -12,13 +12,25 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 
 from . import _names as n
 from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
-from ._services import Services
+from ._services import CHUNK_SEQ, Services
 from ._telemetry import current_traceparent
+
+
+@dataclass(frozen=True, slots=True)
+class StreamItem:
+    """One item of :meth:`TaskHandle.stream`: a partial result (``final`` False, ``seq``
+    1, 2, ...) or, last, the task's output (``final`` True)."""
+
+    data: Any
+    seq: int | None = None
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class TaskHandle:
         subject: str,
         duplicate: bool,
         sequence: int,
+        chunk_sub: Subscription | None = None,
     ) -> None:
         self.client = client
         self.task_type = task_type
@@ -55,6 +68,7 @@ class TaskHandle:
         self.subject = subject
         self.duplicate = duplicate
         self.sequence = sequence
+        self._chunk_sub = chunk_sub
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.task_type!r}, run_id={self.run_id!r}, step_id={self.step_id!r})"
@@ -70,6 +84,62 @@ class TaskHandle:
         terminal failure; :class:`TaskTimeout` when ``timeout`` seconds pass first."""
         ev = await self.client.wait_outcome(self.run_id, self.step_id, timeout=timeout)
         return ev.get("payload", {}).get("output")
+
+    async def cancel(self, reason: str = "") -> None:
+        """Cancel this task's run: queued tasks never start, running ones are asked to
+        stop; the outcome is ``step.cancelled`` (``result()`` raises ``TaskFailed`` with
+        kind ``cancelled``)."""
+        await self.client.cancel(self.run_id, reason)
+
+    async def stream(self, timeout: float | None = 60.0) -> AsyncIterator[StreamItem]:
+        """Partial results in order, then the final output (``StreamItem.final``).
+
+        Submit with ``stream=True`` to be subscribed before the task can start; without
+        it, chunks published before this call are not seen (they are not persisted).
+        Raises ``TaskFailed`` on a terminal failure, ``TaskTimeout`` after ``timeout``.
+        """
+        sub = self._chunk_sub
+        self._chunk_sub = None
+        if sub is None:
+            sub = await self.client.nc.subscribe(n.stream_subject(self.run_id, self.step_id))
+        outcome = asyncio.ensure_future(
+            self.client.wait_outcome(self.run_id, self.step_id, timeout=timeout)
+        )
+        expected: int | None = None
+        seen = 0
+        # One pending read is kept across iterations and never cancelled mid-way:
+        # cancelling a read can drop the message it was about to return.
+        nxt: asyncio.Future[Msg] | None = None
+        try:
+            while expected is None or seen < expected:
+                if nxt is None:
+                    nxt = asyncio.ensure_future(sub.next_msg(timeout=3600))
+                waiting: set[asyncio.Future[Any]] = {nxt, outcome} if expected is None else {nxt}
+                done, _ = await asyncio.wait(
+                    waiting,
+                    timeout=None if expected is None else 2.0,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if nxt in done:
+                    msg = nxt.result()
+                    nxt = None
+                    seq = int((msg.headers or {}).get(CHUNK_SEQ, seen + 1))
+                    seen = max(seen, seq)
+                    yield StreamItem(json.loads(msg.data) if msg.data else None, seq)
+                    continue
+                if expected is not None:
+                    break  # the rest did not arrive within 2 s of the outcome
+                ev = outcome.result()  # raises TaskFailed / TaskTimeout
+                expected = int((ev.get("payload") or {}).get("chunks") or 0)
+            ev = await outcome
+            yield StreamItem((ev.get("payload") or {}).get("output"), None, True)
+        finally:
+            if nxt is not None:
+                nxt.cancel()
+            if not outcome.done():
+                outcome.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
 
 class Client:
@@ -130,27 +200,52 @@ class Client:
         run_id: str | None = None,
         step_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        stream: bool = False,
     ) -> TaskHandle:
         """Submit one task. ``input`` is JSON bytes or any JSON-serialisable value.
 
         Raises ``InvalidNameError`` for bad names, ``PayloadError`` for non-JSON or
-        oversized input, ``NotProvisionedError`` when ``TASK_QUEUES`` is missing."""
+        oversized input, ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
+        ``stream=True`` subscribes to the task's partial results before publishing, so
+        ``handle.stream()`` sees every chunk."""
         subject, body, run_id, step_id, task_id = self._build(
             task_type, input, group=group, run_id=run_id, step_id=step_id, metadata=metadata
         )
+        chunk_sub = None
+        if stream:
+            chunk_sub = await self.nc.subscribe(n.stream_subject(run_id, step_id))
         try:
             ack = await self.js.publish(
                 subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
             )
-        except nats.errors.NoRespondersError:
-            raise NotProvisionedError(
-                f"no stream captures {subject}: run `jsworker kv setup` to create {n.TASK_STREAM}"
-            ) from None
-        except nats.errors.TimeoutError:
-            raise ServerError(f"publishing {subject} timed out") from None
+        except BaseException as e:
+            if chunk_sub is not None:
+                with contextlib.suppress(Exception):
+                    await chunk_sub.unsubscribe()
+            if isinstance(e, nats.errors.NoRespondersError):
+                raise NotProvisionedError(
+                    f"no stream captures {subject}: run `jsworker kv setup` to create "
+                    f"{n.TASK_STREAM}"
+                ) from None
+            if isinstance(e, nats.errors.TimeoutError):
+                raise ServerError(f"publishing {subject} timed out") from None
+            raise
         return TaskHandle(
-            self, task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
+            self,
+            task_type,
+            run_id,
+            step_id,
+            task_id,
+            subject,
+            bool(ack.duplicate),
+            ack.seq,
+            chunk_sub,
         )
+
+    async def cancel(self, run_id: str, reason: str = "") -> None:
+        """Cancel every step of run ``run_id`` (needs KV ``signals``): queued tasks of the
+        run never start, running ones are asked to stop."""
+        await self.services.request_cancel(run_id, reason)
 
     async def submit_many(
         self, tasks: Iterable[TaskRequest], *, window: int = 256

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._services import Services
 
 T = TypeVar("T")
-OutcomeKind = Literal["complete", "fail", "permanent", "retry_after", "continue"]
+OutcomeKind = Literal["complete", "fail", "permanent", "retry_after", "continue", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,9 @@ class TaskContext:
     """Per-execution handle given to a handler. Not thread-safe except as documented."""
 
     __slots__ = (
-        "_cancel_event",
+        "_cancel_reason",
+        "_cancelled",
+        "_chunks",
         "_input_bytes",
         "_loop",
         "_msg",
@@ -93,7 +95,9 @@ class TaskContext:
         self._loop = loop
         self._outcome: Outcome | None = None
         self._input_bytes: bytes | None = None
-        self._cancel_event: asyncio.Event | None = None
+        self._cancelled = False
+        self._cancel_reason = ""
+        self._chunks = 0
 
     # ------------------------------------------------------------------ input
     @property
@@ -160,8 +164,11 @@ class TaskContext:
         await self._msg.in_progress()
 
     async def stream(self, chunk: object) -> None:
-        """Publish a partial result on ``stream.{run_id}.{step_id}`` (core NATS)."""
-        await self._services.publish_chunk(self.info, chunk)
+        """Publish a partial result on ``stream.{run_id}.{step_id}`` (core NATS, not
+        persisted). Chunks carry a ``Jsw-Seq`` header (1, 2, ...) and the outcome event
+        records how many were sent, so a client can tell it saw them all, in order."""
+        self._chunks += 1
+        await self._services.publish_chunk(self.info, chunk, self._chunks)
 
     async def checkpoint(self, state: object) -> None:
         """Save ``state`` (JSON) in KV ``checkpoints`` under ``{run_id}.{step_id}``."""
@@ -186,7 +193,11 @@ class TaskContext:
     @property
     def cancelled(self) -> bool:
         """True once the task was cancelled; the handler should stop soon."""
-        return self._cancel_event is not None and self._cancel_event.is_set()
+        return self._cancelled
+
+    @property
+    def chunks_sent(self) -> int:
+        return self._chunks
 
     def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
         """Run one of the context's coroutines from a plain ``def`` handler's thread."""

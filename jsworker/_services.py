@@ -18,13 +18,15 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from . import _names as n
-from ._errors import NotProvisionedError, TaskError
-from ._wire import dumps, to_json_value
+from ._errors import InvalidNameError, NotProvisionedError, TaskError
+from ._wire import dumps, now_rfc3339, to_json_value
 
 if TYPE_CHECKING:
     from ._context import TaskContext, TaskInfo
 
 KV_DEL_OPS = ("DEL", "PURGE")
+CHUNK_SEQ = "Jsw-Seq"
+CANCEL_SIGNAL = "_cancel"
 
 
 class SignalTimeoutError(TaskError, TimeoutError):
@@ -92,6 +94,8 @@ class Services:
     async def send_signal(self, run_id: str, name: str, data: object = None) -> int:
         n.validate_token(run_id, "run id")
         n.validate_token(name, "signal name")
+        if name.startswith("_"):
+            raise InvalidNameError(f"signal name {name!r}: names starting with '_' are reserved")
         kv = await self._need(n.SIGNALS_BUCKET)
         return await kv.put(n.signal_key(run_id, name), dumps(to_json_value(data, "signal data")))
 
@@ -138,9 +142,21 @@ class Services:
             await watcher.stop()  # type: ignore[no-untyped-call]
 
     # -------------------------------------------------------------- streaming
-    async def publish_chunk(self, info: TaskInfo, chunk: object) -> None:
-        data = chunk if isinstance(chunk, bytes) else dumps(to_json_value(chunk, "chunk"))
-        await self.nc.publish(n.stream_subject(info.run_id, info.step_id), data)
+    async def publish_chunk(self, info: TaskInfo, chunk: object, seq: int) -> None:
+        data = dumps(to_json_value(chunk, "chunk"))
+        await self.nc.publish(
+            n.stream_subject(info.run_id, info.step_id), data, headers={CHUNK_SEQ: str(seq)}
+        )
+
+    # ----------------------------------------------------------- cancellation
+    async def request_cancel(self, run_id: str, reason: str = "") -> int:
+        """Record that run ``run_id`` is cancelled (KV ``signals``, key
+        ``{run_id}._cancel``). Queued tasks of the run will not start; running ones
+        are asked to stop."""
+        n.validate_token(run_id, "run id")
+        kv = await self._need(n.SIGNALS_BUCKET)
+        body = {"reason": reason or "cancelled", "at": now_rfc3339()}
+        return await kv.put(n.signal_key(run_id, CANCEL_SIGNAL), dumps(body))
 
 
 async def _try_bucket(js: Any, bucket: str) -> KeyValue | None:

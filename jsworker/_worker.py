@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -17,6 +16,7 @@ from nats.aio.msg import Msg
 
 from . import _names as n
 from . import _wire as w
+from ._cancel import CancelWatcher
 from ._context import Outcome, TaskCancelledError, TaskContext, TaskInfo
 from ._directory import Directory
 from ._duration import Duration, seconds
@@ -28,6 +28,7 @@ from ._errors import (
     RetryableError,
 )
 from ._handler import DEFAULT_ACK_WAIT, HandlerRuntime, HandlerSpec, make_spec
+from ._outcomes import OutcomeRecorder, attempt_suffix
 from ._provision import require_stream
 from ._retry import RetryPolicy, clamp_retry_after
 from ._services import Services
@@ -47,6 +48,7 @@ class WorkerStats:
     failed: int = 0  # retriable failures (will be retried)
     dead: int = 0  # terminal failures (dead-lettered)
     continued: int = 0
+    cancelled: int = 0
     nacked_on_stop: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -146,6 +148,9 @@ class Worker:
         self.stats = WorkerStats()
         self.health = WorkerHealth()
         self.services = Services(nc)
+        self.recorder = OutcomeRecorder(self)
+        self.cancels = CancelWatcher(None, self._on_cancel)
+        self._running_ctx: dict[str, set[tuple[TaskContext, asyncio.Task[Any] | None]]] = {}
         self._specs: dict[str, HandlerSpec] = {}
         self._runtimes: dict[str, HandlerRuntime] = {}
         self._state = "new"  # new -> running -> stopping -> stopped
@@ -242,6 +247,8 @@ class Worker:
         await require_stream(self.js, n.HISTORY_STREAM)
         await require_stream(self.js, n.DEAD_LETTER_STREAM)
         await self.services.bind_optional()
+        self.cancels = CancelWatcher(self.services.signals, self._on_cancel)
+        await self.cancels.start()
         self._directory = Directory(self.nc, self.worker_id, self._describe)
         await self._directory.start()
         self._state = "running"
@@ -290,6 +297,7 @@ class Worker:
                 await asyncio.wait(still, timeout=5)
         for rt in runtimes:
             await rt.stop()
+        await self.cancels.stop()
         if self._directory is not None:
             await self._directory.stop()
         self._state = "stopped"
@@ -320,7 +328,7 @@ class Worker:
         try:
             payload = w.TaskPayload.decode(msg.data)
         except PayloadError as e:
-            await self._dead_invalid(spec, msg, str(e), attempt, seq)
+            await self.recorder.dead_invalid(spec, msg, str(e), attempt, seq)
             return
         tokens = msg.subject.split(".")
         group = tokens[2] if len(tokens) >= 4 else None
@@ -349,12 +357,19 @@ class Worker:
     async def _run(
         self, spec: HandlerSpec, info: TaskInfo, payload: w.TaskPayload, msg: Msg
     ) -> None:
+        reason = self.cancels.reason(info.run_id)
+        if reason is not None:
+            # cancelled while queued: never started
+            await self.recorder.apply(
+                spec, info, payload, msg, Outcome("cancelled", error=reason), chunks=0
+            )
+            return
         self.stats.started += 1
-        await self._event_nowait(
+        await self.recorder.event_nowait(
             info,
             payload,
             w.STEP_STARTED,
-            _attempt_suffix(info),
+            attempt_suffix(info),
             {
                 "task_type": spec.task_type,
                 "task_id": payload.task_id,
@@ -364,6 +379,8 @@ class Worker:
         )
         assert self._loop is not None
         ctx = TaskContext(info, payload, msg, self.services, self._loop)
+        entry = (ctx, asyncio.current_task() if spec.is_async else None)
+        self._running_ctx.setdefault(info.run_id, set()).add(entry)
         t0 = time.monotonic()
         try:
             with self.telemetry.task_span(
@@ -371,20 +388,42 @@ class Worker:
             ):
                 outcome = await self._call(spec, ctx)
         except asyncio.CancelledError:
-            if self._state == "stopping":
+            if ctx.cancelled and self._state == "running":
+                # cancelled by a user, not by stop(): record it; the task goes on
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                outcome = Outcome("cancelled", error=ctx._cancel_reason)
+            elif self._state == "stopping":
                 # grace period over: hand the task back at once instead of AckWait
                 self.stats.nacked_on_stop += 1
                 with contextlib.suppress(Exception):
                     await msg.nak()
                 return
-            raise
+            else:
+                raise
+        finally:
+            runs = self._running_ctx.get(info.run_id)
+            if runs is not None:
+                runs.discard(entry)
+                if not runs:
+                    del self._running_ctx[info.run_id]
+        if ctx.cancelled and ctx.outcome is None and outcome.kind != "cancelled":
+            outcome = Outcome("cancelled", error=ctx._cancel_reason)
         self.telemetry.record_duration(time.monotonic() - t0, spec.task_type)
         try:
-            await self._apply(spec, info, payload, msg, outcome)
+            await self.recorder.apply(spec, info, payload, msg, outcome, chunks=ctx.chunks_sent)
         except Exception as e:
             # Could not record the outcome (server gone?): do not ack; the task is
             # redelivered after AckWait and the outcome recorded then (dedup ids).
             log.error("recording outcome of %s/%s failed: %s", info.run_id, info.step_id, e)
+
+    def _on_cancel(self, run_id: str, reason: str) -> None:
+        for ctx, task in list(self._running_ctx.get(run_id, ())):
+            ctx._cancelled = True
+            ctx._cancel_reason = reason
+            if task is not None:
+                task.cancel()
 
     async def _call(self, spec: HandlerSpec, ctx: TaskContext) -> Outcome:
         try:
@@ -417,196 +456,6 @@ class Worker:
             return Outcome("complete", w.to_json_value(result, "handler return value"))
         except PayloadError as e:
             return Outcome("permanent", error=str(e))
-
-    async def _apply(
-        self, spec: HandlerSpec, info: TaskInfo, payload: w.TaskPayload, msg: Msg, o: Outcome
-    ) -> None:
-        base = {"task_type": spec.task_type, "task_id": info.task_id, "iteration": info.iteration}
-        if o.kind == "complete":
-            await self._event(info, payload, w.STEP_COMPLETED, None, {**base, "output": o.output})
-            await msg.ack()
-            self.stats.completed += 1
-            self.telemetry.count("completed", spec.task_type)
-            await self.services.clear_checkpoint(info.run_id, info.step_id)
-            return
-        if o.kind == "continue":
-            nxt = info.iteration + 1
-            if nxt >= spec.max_iterations:
-                o = Outcome("permanent", error=f"max_iterations ({spec.max_iterations}) reached")
-                await self._terminal(spec, info, payload, msg, o, "max_iterations")
-                return
-            body = replace(payload, iteration=nxt, attempt=1, input=o.output).encode()
-            await self.js.publish(
-                msg.subject, body, headers={"Nats-Msg-Id": f"{info.run_id}.{info.step_id}.{nxt}"}
-            )
-            await self._event(
-                info,
-                payload,
-                w.STEP_CONTINUE,
-                info.iteration,
-                {**base, "output": o.output, "next_iteration": nxt},
-            )
-            await msg.ack()
-            self.stats.continued += 1
-            self.telemetry.count("continued", spec.task_type)
-            return
-        if o.kind == "permanent":
-            await self._terminal(spec, info, payload, msg, o, w.NON_RETRIABLE)
-            return
-        # retriable: fail / retry_after
-        if spec.retry.exhausted(info.attempt):
-            await self._terminal(spec, info, payload, msg, o, w.EXHAUSTED)
-            return
-        delay = o.delay if o.kind == "retry_after" else spec.retry.delay_for(info.attempt)
-        kind = w.RETRY_AFTER if o.kind == "retry_after" else w.RETRIABLE
-        await self._event(
-            info,
-            payload,
-            w.STEP_FAILED,
-            _attempt_suffix(info),
-            {
-                **base,
-                "error": o.error,
-                "kind": kind,
-                "retry_in_ms": int((delay or 0) * 1000),
-                "attempt": info.attempt,
-            },
-        )
-        await msg.nak(delay=delay)
-        self.stats.failed += 1
-        self.telemetry.count("retried", spec.task_type)
-
-    async def _terminal(
-        self,
-        spec: HandlerSpec,
-        info: TaskInfo,
-        payload: w.TaskPayload,
-        msg: Msg,
-        o: Outcome,
-        kind: str,
-    ) -> None:
-        dead = {
-            "task_type": spec.task_type,
-            "kind": kind,
-            "error": o.error,
-            "attempts": info.attempt,
-            "worker_id": self.worker_id,
-            "subject": info.subject,
-            "timestamp": w.now_rfc3339(),
-            "task": {
-                "task_id": payload.task_id,
-                "run_id": payload.run_id,
-                "step_id": payload.step_id,
-                "iteration": payload.iteration,
-                "input": payload.input,
-                "metadata": payload.metadata,
-            },
-        }
-        await self.js.publish(
-            n.dead_subject(spec.task_type, info.run_id, info.step_id),
-            w.dumps(dead),
-            headers={"Nats-Msg-Id": f"{info.run_id}.{info.step_id}.{info.iteration}.dead"},
-        )
-        await self._event(
-            info,
-            payload,
-            w.STEP_FAILED,
-            None,
-            {
-                "task_type": spec.task_type,
-                "task_id": info.task_id,
-                "iteration": info.iteration,
-                "error": o.error,
-                "kind": kind,
-                "attempt": info.attempt,
-            },
-        )
-        await msg.term()
-        self.stats.dead += 1
-        self.telemetry.count("dead_lettered", spec.task_type)
-
-    async def _dead_invalid(
-        self, spec: HandlerSpec, msg: Msg, reason: str, attempt: int, seq: int
-    ) -> None:
-        """A body that is not a valid task is dead-lettered as it came (base64), never
-        retried: retrying cannot make it parse."""
-        dead = {
-            "task_type": spec.task_type,
-            "kind": w.INVALID_PAYLOAD,
-            "error": reason,
-            "attempts": attempt,
-            "worker_id": self.worker_id,
-            "subject": msg.subject,
-            "timestamp": w.now_rfc3339(),
-            "stream_sequence": seq,
-            "payload_b64": base64.b64encode(msg.data).decode(),
-        }
-        try:
-            await self.js.publish(
-                f"dead.{spec.task_type}.invalid.{seq}",
-                w.dumps(dead),
-                headers={"Nats-Msg-Id": f"invalid.{spec.task_type}.{seq}"},
-            )
-        except Exception as e:
-            log.error("dead-lettering invalid task seq %s failed: %s", seq, e)
-            return  # not acked: redelivered and tried again later
-        await msg.term()
-        self.stats.dead += 1
-        log.warning("task seq %s on %s dead-lettered: %s", seq, msg.subject, reason)
-
-    async def _event(
-        self,
-        info: TaskInfo,
-        payload: w.TaskPayload,
-        etype: str,
-        suffix: int | str | None,
-        body: dict[str, Any],
-    ) -> None:
-        data = w.encode_event(
-            etype,
-            run_id=info.run_id,
-            step_id=info.step_id,
-            payload=body,
-            worker_id=self.worker_id,
-            attempt=info.attempt,
-            trace_parent=payload.traceparent,
-            trace_state=payload.tracestate,
-        )
-        await self.js.publish(
-            n.history_subject(info.run_id),
-            data,
-            headers={"Nats-Msg-Id": w.event_msg_id(info.run_id, info.step_id, etype, suffix)},
-        )
-
-    async def _event_nowait(
-        self,
-        info: TaskInfo,
-        payload: w.TaskPayload,
-        etype: str,
-        suffix: int | str | None,
-        body: dict[str, Any],
-    ) -> None:
-        """Fire-and-forget event (``step.started``): stored by the stream, deduplicated,
-        but the handler does not wait for the server's acknowledgement."""
-        data = w.encode_event(
-            etype,
-            run_id=info.run_id,
-            step_id=info.step_id,
-            payload=body,
-            worker_id=self.worker_id,
-            attempt=info.attempt,
-            trace_parent=payload.traceparent,
-            trace_state=payload.tracestate,
-        )
-        await self.nc.publish(
-            n.history_subject(info.run_id),
-            data,
-            headers={"Nats-Msg-Id": w.event_msg_id(info.run_id, info.step_id, etype, suffix)},
-        )
-
-
-def _attempt_suffix(info: TaskInfo) -> str:
-    return str(info.attempt) if info.iteration == 0 else f"i{info.iteration}.{info.attempt}"
 
 
 def _errtext(e: BaseException) -> str:
