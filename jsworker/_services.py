@@ -100,19 +100,12 @@ class Services:
         return await kv.put(n.signal_key(run_id, name), dumps(to_json_value(data, "signal data")))
 
     async def list_signals(self, run_id: str) -> dict[str, Any]:
+        """Current signals of a run, by name (reserved ``_`` names included)."""
         n.validate_token(run_id, "run id")
         kv = await self._need(n.SIGNALS_BUCKET)
         out: dict[str, Any] = {}
-        try:
-            keys = await kv.keys(filters=[f"{run_id}.>"])
-        except nats.js.errors.NoKeysError:
-            return out
-        for k in keys:
-            try:
-                e = await kv.get(k)
-            except nats.js.errors.KeyNotFoundError:
-                continue
-            out[k[len(run_id) + 1 :]] = json.loads(e.value) if e.value else None
+        for key, value in (await kv_snapshot(kv, f"{run_id}.>")).items():
+            out[key[len(run_id) + 1 :]] = json.loads(value) if value else None
         return out
 
     async def wait_for_signal(
@@ -157,6 +150,23 @@ class Services:
         kv = await self._need(n.SIGNALS_BUCKET)
         body = {"reason": reason or "cancelled", "at": now_rfc3339()}
         return await kv.put(n.signal_key(run_id, CANCEL_SIGNAL), dumps(body))
+
+
+async def kv_snapshot(kv: KeyValue, pattern: str = ">", timeout: float = 5.0) -> dict[str, bytes]:
+    """Current values of the keys matching ``pattern`` (a server-side filter; nats-py's
+    ``keys(filters=...)`` matches substrings client-side)."""
+    watcher = await kv.watch(pattern, ignore_deletes=True)
+    out: dict[str, bytes] = {}
+    try:
+        while True:
+            entry = await watcher.updates(timeout=timeout)  # type: ignore[no-untyped-call]
+            if entry is None:
+                return out
+            out[entry.key] = entry.value or b""
+            if entry.delta == 0:
+                return out
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 async def _try_bucket(js: Any, bucket: str) -> KeyValue | None:
