@@ -70,6 +70,7 @@ class TaskContext:
     __slots__ = (
         "_cancel_reason",
         "_cancelled",
+        "_checkpointed",
         "_chunks",
         "_input_bytes",
         "_loop",
@@ -98,6 +99,9 @@ class TaskContext:
         self._cancelled = False
         self._cancel_reason = ""
         self._chunks = 0
+        # True once this execution saved or found a checkpoint: only then does the
+        # outcome clear it (a purge per task would write a marker for every task).
+        self._checkpointed = False
 
     # ------------------------------------------------------------------ input
     @property
@@ -173,10 +177,14 @@ class TaskContext:
     async def checkpoint(self, state: object) -> None:
         """Save ``state`` (JSON) in KV ``checkpoints`` under ``{run_id}.{step_id}``."""
         await self._services.save_checkpoint(self.info, state)
+        self._checkpointed = True
 
     async def load_checkpoint(self) -> Any:
         """The last saved checkpoint, or ``None``."""
-        return await self._services.load_checkpoint(self.info)
+        state = await self._services.load_checkpoint(self.info)
+        if state is not None:
+            self._checkpointed = True
+        return state
 
     async def wait_for_signal(self, name: str, timeout: Duration) -> Any:
         """Wait for signal ``name`` of this run (sent before or after this call).

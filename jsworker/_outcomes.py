@@ -48,6 +48,7 @@ class OutcomeRecorder:
         o: Outcome,
         *,
         chunks: int = 0,
+        checkpointed: bool = False,
     ) -> None:
         """Apply one outcome: event(s) first, then ack/nak/term, so an outcome that could
         not be recorded leaves the task to be redelivered (event ids deduplicate)."""
@@ -62,20 +63,22 @@ class OutcomeRecorder:
             await self.event(info, payload, w.STEP_CANCELLED, None, {**base, "reason": o.error})
             await msg.term()
             self.stats.cancelled += 1
-            await self.services.clear_checkpoint(info.run_id, info.step_id)
+            if checkpointed:
+                await self.services.clear_checkpoint(info.run_id, info.step_id)
             return
         if o.kind == "complete":
             await self.event(info, payload, w.STEP_COMPLETED, None, {**base, "output": o.output})
             await msg.ack()
             self.stats.completed += 1
             self.telemetry.count("completed", spec.task_type)
-            await self.services.clear_checkpoint(info.run_id, info.step_id)
+            if checkpointed:
+                await self.services.clear_checkpoint(info.run_id, info.step_id)
             return
         if o.kind == "continue":
             nxt = info.iteration + 1
             if nxt >= spec.max_iterations:
                 o = Outcome("permanent", error=f"max_iterations ({spec.max_iterations}) reached")
-                await self.terminal(spec, info, payload, msg, o, "max_iterations")
+                await self.terminal(checkpointed, spec, info, payload, msg, o, "max_iterations")
                 return
             body = replace(payload, iteration=nxt, attempt=1, input=o.output).encode()
             await self.js.publish(
@@ -93,11 +96,11 @@ class OutcomeRecorder:
             self.telemetry.count("continued", spec.task_type)
             return
         if o.kind == "permanent":
-            await self.terminal(spec, info, payload, msg, o, w.NON_RETRIABLE)
+            await self.terminal(checkpointed, spec, info, payload, msg, o, w.NON_RETRIABLE)
             return
         # retriable: fail / retry_after
         if spec.retry.exhausted(info.attempt):
-            await self.terminal(spec, info, payload, msg, o, w.EXHAUSTED)
+            await self.terminal(checkpointed, spec, info, payload, msg, o, w.EXHAUSTED)
             return
         delay = o.delay if o.kind == "retry_after" else spec.retry.delay_for(info.attempt)
         kind = w.RETRY_AFTER if o.kind == "retry_after" else w.RETRIABLE
@@ -120,6 +123,7 @@ class OutcomeRecorder:
 
     async def terminal(
         self,
+        checkpointed: bool,
         spec: HandlerSpec,
         info: TaskInfo,
         payload: w.TaskPayload,
@@ -166,7 +170,8 @@ class OutcomeRecorder:
         await msg.term()
         self.stats.dead += 1
         self.telemetry.count("dead_lettered", spec.task_type)
-        await self.services.clear_checkpoint(info.run_id, info.step_id)
+        if checkpointed:
+            await self.services.clear_checkpoint(info.run_id, info.step_id)
 
     async def dead_invalid(
         self, spec: HandlerSpec, msg: Msg, reason: str, attempt: int, seq: int

@@ -361,7 +361,7 @@ class Worker:
         if reason is not None:
             # cancelled while queued: never started
             await self.recorder.apply(
-                spec, info, payload, msg, Outcome("cancelled", error=reason), chunks=0
+                spec, info, payload, msg, Outcome("cancelled", error=reason), checkpointed=True
             )
             return
         self.stats.started += 1
@@ -412,7 +412,15 @@ class Worker:
             outcome = Outcome("cancelled", error=ctx._cancel_reason)
         self.telemetry.record_duration(time.monotonic() - t0, spec.task_type)
         try:
-            await self.recorder.apply(spec, info, payload, msg, outcome, chunks=ctx.chunks_sent)
+            await self.recorder.apply(
+                spec,
+                info,
+                payload,
+                msg,
+                outcome,
+                chunks=ctx.chunks_sent,
+                checkpointed=ctx._checkpointed,
+            )
         except Exception as e:
             # Could not record the outcome (server gone?): do not ack; the task is
             # redelivered after AckWait and the outcome recorded then (dedup ids).
