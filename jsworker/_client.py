@@ -43,6 +43,7 @@ class TaskRequest:
     run_id: str | None = None
     step_id: str | None = None
     metadata: Mapping[str, str] | None = None
+    key: str | None = None
 
 
 class TaskHandle:
@@ -164,8 +165,11 @@ class Client:
         run_id: str | None,
         step_id: str | None,
         metadata: Mapping[str, str] | None,
+        key: str | None = None,
     ) -> tuple[str, bytes, str, str, str]:
         n.validate_task_type(task_type)
+        if key is not None:
+            n.validate_token(key, "partition key")
         if group is not None:
             n.validate_group(group)
         run_id = n.validate_token(run_id, "run id") if run_id is not None else n.new_run_id()
@@ -189,7 +193,8 @@ class Client:
                 f"task payload is {len(body)} bytes, over the server's max_payload of {limit} "
                 "bytes; store large inputs elsewhere (object store) and pass a reference"
             )
-        return n.task_subject(task_type, run_id, group), body, run_id, step_id, task_id
+        subject = n.task_subject(task_type, key if key is not None else run_id, group)
+        return subject, body, run_id, step_id, task_id
 
     async def submit(
         self,
@@ -201,15 +206,26 @@ class Client:
         step_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
         stream: bool = False,
+        key: str | None = None,
     ) -> TaskHandle:
         """Submit one task. ``input`` is JSON bytes or any JSON-serialisable value.
+
+        ``key`` is the partition key for partitioned handlers (tasks with one key run
+        one at a time, in order); it defaults to the run id. It becomes the subject's
+        last token, so it follows the same naming rules.
 
         Raises ``InvalidNameError`` for bad names, ``PayloadError`` for non-JSON or
         oversized input, ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
         ``stream=True`` subscribes to the task's partial results before publishing, so
         ``handle.stream()`` sees every chunk."""
         subject, body, run_id, step_id, task_id = self._build(
-            task_type, input, group=group, run_id=run_id, step_id=step_id, metadata=metadata
+            task_type,
+            input,
+            group=group,
+            run_id=run_id,
+            step_id=step_id,
+            metadata=metadata,
+            key=key,
         )
         chunk_sub = None
         if stream:
@@ -261,6 +277,7 @@ class Client:
                     group=t.group,
                     run_id=t.run_id,
                     step_id=t.step_id,
+                    key=t.key,
                     metadata=t.metadata,
                 ),
             )

@@ -97,6 +97,9 @@ class HandlerRuntime:
     """The running side of one handler: one durable consumer and pull loop per group
     (or one for all groups), plus a heartbeat loop for its in-flight tasks."""
 
+    #: partitioned runtimes run a key's tasks one at a time and retry in place
+    ordered = False
+
     def __init__(self, worker: Worker, spec: HandlerSpec) -> None:
         self.worker = worker
         self.spec = spec
@@ -208,10 +211,21 @@ class HandlerRuntime:
         while True:
             await asyncio.sleep(every)
             now = time.monotonic()
-            for msg, started in list(self.inflight.values()):
+            for msg, started in self.held():
                 if now - started >= every * 0.9:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
+
+    def held(self) -> list[tuple[Msg, float]]:
+        """Every message this handler holds a lease on (running or waiting)."""
+        return list(self.inflight.values())
+
+    def task_subject(self, msg: Msg) -> str:
+        """The task's subject on ``task.>`` (partitioned streams prefix a partition)."""
+        return msg.subject
+
+    def describe(self) -> dict[str, object]:
+        return {}
 
     async def stop_pulling(self) -> None:
         await asyncio.gather(*(lp.stop() for lp in self.loops))

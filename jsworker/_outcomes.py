@@ -82,7 +82,7 @@ class OutcomeRecorder:
                 return
             body = replace(payload, iteration=nxt, attempt=1, input=o.output).encode()
             await self.js.publish(
-                msg.subject, body, headers={"Nats-Msg-Id": f"{info.run_id}.{info.step_id}.{nxt}"}
+                info.subject, body, headers={"Nats-Msg-Id": f"{info.run_id}.{info.step_id}.{nxt}"}
             )
             await self.event(
                 info,
@@ -102,7 +102,30 @@ class OutcomeRecorder:
         if spec.retry.exhausted(info.attempt):
             await self.terminal(checkpointed, spec, info, payload, msg, o, w.EXHAUSTED)
             return
-        delay = o.delay if o.kind == "retry_after" else spec.retry.delay_for(info.attempt)
+        delay = await self.record_retry(spec, info, payload, o, base)
+        await msg.nak(delay=delay)
+
+    async def record_retry(
+        self,
+        spec: HandlerSpec,
+        info: TaskInfo,
+        payload: w.TaskPayload,
+        o: Outcome,
+        base: dict[str, Any] | None = None,
+    ) -> float:
+        """Record a retriable ``step.failed`` and return the delay before the retry.
+        Ordered (partitioned) handlers call this and retry in place, holding their key."""
+        if base is None:
+            base = {
+                "task_type": spec.task_type,
+                "task_id": info.task_id,
+                "iteration": info.iteration,
+            }
+        delay = (
+            o.delay
+            if o.kind == "retry_after" and o.delay is not None
+            else (spec.retry.delay_for(info.attempt))
+        )
         kind = w.RETRY_AFTER if o.kind == "retry_after" else w.RETRIABLE
         await self.event(
             info,
@@ -113,13 +136,13 @@ class OutcomeRecorder:
                 **base,
                 "error": o.error,
                 "kind": kind,
-                "retry_in_ms": int((delay or 0) * 1000),
+                "retry_in_ms": int(delay * 1000),
                 "attempt": info.attempt,
             },
         )
-        await msg.nak(delay=delay)
         self.stats.failed += 1
         self.telemetry.count("retried", spec.task_type)
+        return delay
 
     async def terminal(
         self,

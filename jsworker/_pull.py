@@ -109,6 +109,9 @@ class PullLoop:
         self._sub: Subscription | None = None
         self._requests: dict[str, _Request] = {}
         self._seq = 0
+        # slots reserved by requests and not yet filled by a message (exact: +batch per
+        # request, -1 per message, -pending per request-ending status)
+        self.outstanding = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -138,6 +141,10 @@ class PullLoop:
                 if req.remaining == 0:
                     del self._requests[rid]
                 break
+        if self.outstanding > 0:
+            self.outstanding -= 1  # its reserved slot now belongs to the message
+        else:
+            self.slots.free -= 1  # unexpected extra message: account for it anyway
         if self._stopping:
             # arrived after stop: hand it back at once so no one waits for AckWait
             with contextlib.suppress(Exception):
@@ -161,7 +168,7 @@ class PullLoop:
                 undelivered = int(pending)
             else:
                 undelivered = req.remaining if req is not None else 0
-            self.slots.give(undelivered)
+            self._release(undelivered)
             self._wake.set()
         if code not in ("404", "408") and self.on_status is not None:
             await self.on_status(code, hdr.get(DESCRIPTION, ""), msg)
@@ -188,6 +195,7 @@ class PullLoop:
                 self._seq += 1
                 rid = str(self._seq)
                 self._requests[rid] = _Request(k, time.monotonic() + self.expires + 2.0)
+                self.outstanding += k
                 req: dict[str, Any] = {"batch": k, "expires": int(self.expires * 1e9)}
                 if self.extra is not None:
                     req.update(self.extra())
@@ -205,7 +213,15 @@ class PullLoop:
         """Reserve slots, waking periodically to expire requests lost to a reconnect."""
         take = asyncio.ensure_future(self.slots.take(want, least))
         while True:
-            done, _ = await asyncio.wait({take}, timeout=1.0)
+            try:
+                done, _ = await asyncio.wait({take}, timeout=1.0)
+            except asyncio.CancelledError:
+                # do not leave the reservation running behind our back: it would take
+                # slots nobody gives back
+                take.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    self.slots.give(await take)
+                raise
             if done:
                 return take.result()
             self._expire_lost()
@@ -221,7 +237,13 @@ class PullLoop:
         for rid, r in list(self._requests.items()):
             if r.deadline < now:
                 self._requests.pop(rid, None)
-                self.slots.give(r.remaining)
+                self._release(r.remaining)
+
+    def _release(self, k: int) -> None:
+        """Give back ``k`` reserved-but-undelivered slots (never more than reserved)."""
+        k = min(k, self.outstanding)
+        self.outstanding -= k
+        self.slots.give(k)
 
     async def stop(self) -> None:
         """Stop pulling. Outstanding requests are dropped with the inbox subscription;
@@ -235,6 +257,5 @@ class PullLoop:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
-        for r in self._requests.values():
-            self.slots.give(r.remaining)
+        self._release(self.outstanding)
         self._requests.clear()

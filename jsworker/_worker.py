@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -29,6 +29,7 @@ from ._errors import (
 )
 from ._handler import DEFAULT_ACK_WAIT, HandlerRuntime, HandlerSpec, make_spec
 from ._outcomes import OutcomeRecorder, attempt_suffix
+from ._partitions import PartitionedRuntime
 from ._provision import require_stream
 from ._retry import RetryPolicy, clamp_retry_after
 from ._services import Services
@@ -70,7 +71,9 @@ class Worker:
         groups: worker groups to serve (default: all). With ``("gpu",)`` the worker
             consumes ``task.{type}.gpu.>`` only. Empty names are refused; passing an
             explicitly empty list is refused too (omit it for all groups).
-        partitions: elastic partitions 1-256; 0 (default) is one shared consumer.
+        partitions: elastic partitions 1-256 for every handler (orbit.go ``pcgroups``
+            compatible, rebalanced across live workers, per-key order); 0 (default) is
+            one shared consumer per task type and group.
         concurrency: tasks run at once across all handlers (default 64).
         ack_wait: default lease per delivery (default 30 s); per handler ``ack_wait=``.
         retry: default :class:`RetryPolicy` (5 s fixed, 10 attempts).
@@ -79,6 +82,9 @@ class Worker:
             must be > 0); what is still running then is nak'ed for immediate redelivery.
         batch: most messages one pull request asks for (default 256).
         worker_id: default ``worker-{16 hex}``.
+        heartbeat_interval: how often the worker directory entry is refreshed (default
+            30 s). A partition member whose entry is older than 3x this (at most 60 s,
+            the bucket TTL) is considered dead and its partitions are moved.
 
     Handlers must be registered before :meth:`start`; ``start`` raises when there are
     none. ``stop`` is idempotent and safe before ``start``.
@@ -99,6 +105,7 @@ class Worker:
         batch: int = 256,
         pull_expires: Duration = 5.0,
         worker_id: str | None = None,
+        heartbeat_interval: Duration = 30.0,
     ) -> None:
         if nc is None:
             raise ConfigError("Worker needs a connected NATS client (nc is None)")
@@ -117,11 +124,6 @@ class Worker:
         if not 0 <= partitions <= MAX_PARTITIONS:
             raise ConfigError(
                 f"partitions must be between 0 and {MAX_PARTITIONS}, got {partitions}"
-            )
-        if partitions:
-            raise ConfigError(
-                "partitions > 0 is not supported yet in this version of jsworker "
-                "(elastic partitions land with the partitions issue); use partitions=0"
             )
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -145,6 +147,12 @@ class Worker:
         self.worker_id = (
             n.validate_token(worker_id, "worker id") if worker_id else n.new_worker_id()
         )
+        self.heartbeat_interval = seconds(
+            heartbeat_interval, name="heartbeat_interval", minimum=0.05, maximum=30.0
+        )
+        # a member whose directory entry was not refreshed for this long is dead; never
+        # more than the directory bucket's 60 s TTL, after which the entry is gone anyway
+        self.liveness = min(60.0, 3 * self.heartbeat_interval)
         self.stats = WorkerStats()
         self.health = WorkerHealth()
         self.services = Services(nc)
@@ -185,15 +193,19 @@ class Worker:
         return fn
 
     def handle_singleton(self, task_type: str, fn: F | None = None, **options: Any) -> Any:
-        """Register a handler of which at most one execution runs cluster-wide.
+        """Register a handler of which at most one execution runs at a time across all
+        workers: a one-partition elastic consumer group for this type only (other
+        handlers keep their mode). Usable as a decorator; options as :meth:`handle`."""
+        if fn is None:
+            n.validate_task_type(task_type)
 
-        Not supported yet: raises ``ConfigError`` (lands with the partitions issue).
-        """
-        n.validate_task_type(task_type)
-        raise ConfigError(
-            "handle_singleton is not supported yet in this version of jsworker "
-            "(it lands with elastic partitions)"
-        )
+            def deco(f: F) -> F:
+                self._register(task_type, f, singleton=True, **options)
+                return f
+
+            return deco
+        self._register(task_type, fn, singleton=True, **options)
+        return fn
 
     def _register(
         self, task_type: str, fn: Callable[..., Any], *, singleton: bool, **options: Any
@@ -249,24 +261,40 @@ class Worker:
         await self.services.bind_optional()
         self.cancels = CancelWatcher(self.services.signals, self._on_cancel)
         await self.cancels.start()
-        self._directory = Directory(self.nc, self.worker_id, self._describe)
+        self._directory = Directory(
+            self.nc, self.worker_id, self._describe, refresh_every=self.heartbeat_interval
+        )
         await self._directory.start()
         self._state = "running"
         try:
             for spec in self._specs.values():
-                rt = HandlerRuntime(self, spec)
+                rt = self._runtime_for(spec)
                 self._runtimes[spec.task_type] = rt
                 await rt.start()
         except BaseException:
             await self.stop()
             raise
 
+    def _runtime_for(self, spec: HandlerSpec) -> HandlerRuntime:
+        if spec.singleton:
+            return PartitionedRuntime(self, spec, 1)
+        if self.partitions:
+            return PartitionedRuntime(self, spec, self.partitions)
+        return HandlerRuntime(self, spec)
+
     def _describe(self) -> dict[str, Any]:
+        held: dict[str, object] = {}
+        for rt in self._runtimes.values():
+            held.update(rt.describe())
         return {
             "task_types": self.task_types,
             "groups": list(self.groups),
-            "partitions": {},
+            "partitions": held,
         }
+
+    async def _refresh_directory(self) -> None:
+        if self._directory is not None:
+            await self._directory.refresh()
 
     async def stop(self, grace_period: Duration | None = None) -> None:
         """Stop fetching, let in-flight tasks finish within the grace period (while
@@ -330,7 +358,8 @@ class Worker:
         except PayloadError as e:
             await self.recorder.dead_invalid(spec, msg, str(e), attempt, seq)
             return
-        tokens = msg.subject.split(".")
+        subject = rt.task_subject(msg)
+        tokens = subject.split(".")
         group = tokens[2] if len(tokens) >= 4 else None
         info = TaskInfo(
             task_type=spec.task_type,
@@ -341,7 +370,7 @@ class Worker:
             iteration=payload.iteration,
             metadata=payload.metadata,
             group=group,
-            subject=msg.subject,
+            subject=subject,
             stream_sequence=seq,
         )
         assert self._run_slots is not None
@@ -352,10 +381,15 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await msg.nak()
                 return
-            await self._run(spec, info, payload, msg)
+            await self._run(rt, spec, info, payload, msg)
 
     async def _run(
-        self, spec: HandlerSpec, info: TaskInfo, payload: w.TaskPayload, msg: Msg
+        self,
+        rt: HandlerRuntime,
+        spec: HandlerSpec,
+        info: TaskInfo,
+        payload: w.TaskPayload,
+        msg: Msg,
     ) -> None:
         reason = self.cancels.reason(info.run_id)
         if reason is not None:
@@ -411,6 +445,28 @@ class Worker:
         if ctx.cancelled and ctx.outcome is None and outcome.kind != "cancelled":
             outcome = Outcome("cancelled", error=ctx._cancel_reason)
         self.telemetry.record_duration(time.monotonic() - t0, spec.task_type)
+        if (
+            rt.ordered
+            and outcome.kind in ("fail", "retry_after")
+            and not spec.retry.exhausted(info.attempt)
+            and self._state == "running"
+        ):
+            # Ordered handlers retry in place: the key's later tasks wait behind this one
+            # (a nak would let them overtake it). The lease is renewed while waiting.
+            try:
+                delay = await self.recorder.record_retry(spec, info, payload, outcome)
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                self.stats.nacked_on_stop += 1
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                return
+            if self._state != "running":
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                return
+            await self._run(rt, spec, replace(info, attempt=info.attempt + 1), payload, msg)
+            return
         try:
             await self.recorder.apply(
                 spec,

@@ -1,0 +1,545 @@
+"""Elastic partitions (orbit.go ``pcgroups`` compatible) and singleton handlers.
+
+For each partitioned task type (and worker group) there is an elastic consumer group
+``cg`` = the type's consumer name (see ``_names.consumer_name``):
+
+* config in KV ``elastic-consumer-groups`` under ``TASK_QUEUES.{cg}`` (``_pcg_config``);
+* a work-queue stream ``TASK_QUEUES-{cg}`` sourcing ``task.{type}[.{group}].*`` from
+  ``TASK_QUEUES`` through ``{{Partition(n,1)}}``: the last subject token (the run id, or
+  the ``key=`` given at submit) picks the partition;
+* one consumer per member, named after the worker id, on priority group ``PCG`` with
+  policy ``pinned_client``, filtering that member's partitions.
+
+Unlike orbit.go, members come and go by themselves: a worker adds itself on start and
+removes itself on stop (compare-and-swap on the KV entry), and every member sweeps out
+``worker-…`` members whose directory entry lapsed (a worker killed with SIGKILL), then
+deletes the dead member's consumer so its partitions can be taken over. Members added by
+other tools (orbit.go, its ``cg`` CLI, ``jsworker partitions members add``) are never
+removed automatically.
+
+Per-key order: a member runs the tasks of one partition one at a time, in stream order,
+and retries failures in place. When its partitions change it first stops pulling, hands
+back (nak) what it has not started, lets what runs finish, and only then deletes its
+consumer; the members gaining those partitions keep retrying to create theirs, which the
+server refuses (error 10100, overlapping filters on a work-queue stream) until then. So a
+partition is never consumed by two members at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig, StreamSource, SubjectTransform
+from nats.js.kv import KeyValue
+
+from . import _names as n
+from ._errors import NotProvisionedError, ServerError
+from ._handler import HandlerRuntime, HandlerSpec
+from ._pcg_config import (
+    PRIORITY_GROUP,
+    ElasticConfig,
+    PartitionConfigError,
+    PartitioningFilter,
+    group_key,
+    group_stream,
+    member_partitions,
+    partition_filters,
+    transform_destination,
+    validate,
+)
+from ._pull import PullLoop
+from ._services import KV_DEL_OPS, kv_snapshot
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+log = logging.getLogger("jsworker.partitions")
+
+_ERR_NOT_UNIQUE = 10100
+_ERR_CONSUMER_EXISTS = 10148
+PIN_HEADER = "Nats-Pin-Id"
+
+
+def partition_filter(task_type: str, group: str | None) -> str:
+    return f"task.{task_type}.{group}.*" if group else f"task.{task_type}.*"
+
+
+def wanted_config(task_type: str, group: str | None, partitions: int) -> ElasticConfig:
+    return ElasticConfig(
+        max_members=partitions,
+        partitioning_filters=(PartitioningFilter(partition_filter(task_type, group), (1,)),),
+    )
+
+
+async def _kv(worker: Worker) -> KeyValue:
+    try:
+        return await worker.js.key_value(n.PARTITION_GROUPS_BUCKET)
+    except nats.js.errors.NotFoundError:
+        raise NotProvisionedError(
+            f"KV bucket {n.PARTITION_GROUPS_BUCKET!r} does not exist: run `jsworker kv setup`"
+        ) from None
+
+
+async def cas_update(
+    kv: KeyValue,
+    key: str,
+    mutate: Callable[[ElasticConfig], ElasticConfig | None],
+    attempts: int = 100,
+) -> ElasticConfig:
+    """Read-modify-write the config with compare-and-swap; retried on conflicts so
+    several workers starting at once never lose each other's update."""
+    for _ in range(attempts):
+        entry = await kv.get(key)
+        cfg = ElasticConfig.from_json(entry.value or b"", entry.revision or 0)
+        new = mutate(cfg)
+        if new is None or new.to_json() == cfg.to_json():
+            return cfg
+        try:
+            rev = await kv.update(key, new.to_json(), last=entry.revision)
+            return ElasticConfig.from_json(new.to_json(), rev)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await asyncio.sleep(random.uniform(0.005, 0.05))
+    raise ServerError(f"could not update {key} after {attempts} compare-and-swap attempts")
+
+
+class ElasticMember:
+    """This worker as a member of one elastic consumer group."""
+
+    def __init__(self, rt: PartitionedRuntime, group: str | None, partitions: int) -> None:
+        self.rt = rt
+        self.worker = rt.worker
+        self.task_type = rt.spec.task_type
+        self.group = group
+        self.partitions = partitions
+        self.cg = n.consumer_name(self.task_type, group)
+        self.key = group_key(n.TASK_STREAM, self.cg)
+        self.stream = group_stream(n.TASK_STREAM, self.cg)
+        self.me = self.worker.worker_id
+        self.config: ElasticConfig | None = None
+        self.filters: list[str] = []
+        self.loop: PullLoop | None = None
+        self.pin: str | None = None
+        self.kv: KeyValue | None = None
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.rebalances = 0
+
+    @property
+    def held_partitions(self) -> list[int]:
+        return member_partitions(self.config, self.me) if self.config and self.loop else []
+
+    # ------------------------------------------------------------- start-up
+    async def start(self) -> None:
+        self.kv = await _kv(self.worker)
+        await self._ensure_config()
+        await self._ensure_stream()
+        self.config = await cas_update(self.kv, self.key, lambda c: c.with_member(self.me))
+        self._tasks = [
+            asyncio.create_task(self._watch(), name=f"pcg-watch:{self.cg}"),
+            asyncio.create_task(self._reconcile_loop(), name=f"pcg-reconcile:{self.cg}"),
+            asyncio.create_task(self._sweeper(), name=f"pcg-sweep:{self.cg}"),
+        ]
+        self._changed.set()
+
+    async def _ensure_config(self) -> None:
+        assert self.kv is not None
+        want = wanted_config(self.task_type, self.group, self.partitions)
+        try:
+            await self.kv.create(self.key, want.to_json())
+            return
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # exists (maybe written by orbit.go or another worker): check it
+        entry = await self.kv.get(self.key)
+        have = ElasticConfig.from_json(entry.value or b"")
+        validate(have)
+        if have.max_members != want.max_members or (
+            [
+                (p.filter, tuple(p.partitioning_wildcards or ()))
+                for p in have.partitioning_filters or ()
+            ]
+            != [
+                (p.filter, tuple(p.partitioning_wildcards or ()))
+                for p in want.partitioning_filters or ()
+            ]
+        ):
+            raise PartitionConfigError(
+                f"elastic group {self.key} exists with {have.max_members} partitions and filters "
+                f"{[p.filter for p in have.partitioning_filters or ()]}, but this worker wants "
+                f"{want.max_members} on {partition_filter(self.task_type, self.group)}; delete "
+                f"it (`jsworker partitions delete {self.task_type}`) once it is drained"
+            )
+
+    async def _ensure_stream(self) -> None:
+        js = self.worker.js
+        try:
+            await js.stream_info(self.stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        origin = await js.stream_info(n.TASK_STREAM)
+        pf = wanted_config(self.task_type, self.group, self.partitions).partitioning_filters
+        assert pf is not None
+        src = StreamSource(
+            name=n.TASK_STREAM,
+            subject_transforms=[
+                SubjectTransform(
+                    src=pf[0].filter, dest=transform_destination(pf[0], self.partitions)
+                )
+            ],
+        )
+        try:
+            await js.add_stream(
+                StreamConfig(
+                    name=self.stream,
+                    retention=RetentionPolicy.WORK_QUEUE,
+                    storage=origin.config.storage,
+                    num_replicas=origin.config.num_replicas,
+                    discard=DiscardPolicy.NEW,
+                    sources=[src],
+                    allow_direct=True,
+                    description=f"jsworker partitions of {self.cg}",
+                )
+            )
+        except nats.js.errors.APIError as e:
+            if e.err_code == 10058:  # stream name in use (created concurrently)
+                return
+            raise ServerError(f"creating stream {self.stream} failed: {e.description}") from None
+
+    # ------------------------------------------------------------- watching
+    async def _watch(self) -> None:
+        assert self.kv is not None
+        watcher = await self.kv.watch(self.key)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                if entry.operation in KV_DEL_OPS:
+                    log.error(
+                        "elastic group %s was deleted; %s stops consuming it", self.key, self.me
+                    )
+                    self.config = None
+                    self._changed.set()
+                    continue
+                try:
+                    cfg = ElasticConfig.from_json(entry.value or b"", entry.revision or 0)
+                    validate(cfg)
+                except PartitionConfigError as e:
+                    log.error("ignoring invalid config of %s: %s", self.key, e)
+                    continue
+                self.config = cfg
+                if not cfg.is_member(self.me) and not cfg.member_mappings and not self._stopping:
+                    # removed while alive (e.g. judged dead during a pause): join again
+                    with contextlib.suppress(Exception):
+                        await cas_update(self.kv, self.key, lambda c: c.with_member(self.me))
+                self._changed.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping:
+            await self._changed.wait()
+            self._changed.clear()
+            if self._stopping:
+                return
+            desired = partition_filters(self.config, self.me) if self.config else []
+            if desired == self.filters and (self.loop is not None or not desired):
+                continue
+            self.rebalances += 1
+            await self._drop_consumer()
+            while desired and not self._stopping:
+                if await self._create_consumer(desired):
+                    break
+                # the previous owner still holds some partition: try again shortly,
+                # unless the membership changed meanwhile
+                try:
+                    await asyncio.wait_for(self._changed.wait(), 0.1)
+                except TimeoutError:
+                    continue
+                desired = partition_filters(self.config, self.me) if self.config else []
+                self._changed.clear()
+            self.filters = desired if self.loop is not None else []
+            with contextlib.suppress(Exception):
+                await self.worker._refresh_directory()
+
+    # ------------------------------------------------------------ consumers
+    async def _create_consumer(self, filters: list[str]) -> bool:
+        aw = self.rt.spec.ack_wait
+        cfg = {
+            "name": self.me,
+            "durable_name": self.me,
+            "description": f"jsworker member of {self.cg}",
+            "filter_subjects": filters,
+            "ack_policy": "explicit",
+            "ack_wait": int(aw * 1e9),
+            "max_deliver": -1,
+            "deliver_policy": "all",
+            "max_ack_pending": -1,
+            "max_waiting": 512,
+            "priority_groups": [PRIORITY_GROUP],
+            "priority_policy": "pinned_client",
+            "priority_timeout": int(max(aw, 1.0) * 1e9),
+            # a backstop only: the sweeper deletes a dead member's consumer itself
+            "inactive_threshold": int(max(10 * aw, 30.0) * 1e9),
+        }
+        req = {"stream_name": self.stream, "config": cfg, "action": "create"}
+        resp = await self._api(f"CONSUMER.CREATE.{self.stream}.{self.me}", req)
+        err = resp.get("error")
+        if err:
+            code = err.get("err_code")
+            if code == _ERR_NOT_UNIQUE:
+                return False
+            if code == _ERR_CONSUMER_EXISTS:
+                await self._delete_consumer(self.me)
+                return False
+            raise ServerError(
+                f"creating consumer {self.me} on {self.stream}: {err.get('description')}"
+            )
+        self.pin = None
+        expires = min(self.worker.pull_expires, max(aw / 2, 1.0))
+        self.loop = PullLoop(
+            self.worker.nc,
+            self.stream,
+            self.me,
+            self.rt.slots,
+            lambda msg: self.rt.dispatch_partitioned(self, msg),
+            batch=min(self.worker.batch, self.rt.slots.size),
+            expires=expires,
+            extra=self._pull_extra,
+            on_status=self._on_status,
+        )
+        await self.loop.start()
+        return True
+
+    def _pull_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"group": PRIORITY_GROUP}
+        if self.pin:
+            extra["id"] = self.pin
+        return extra
+
+    def note_pin(self, msg: Msg) -> None:
+        pin = (msg.headers or {}).get(PIN_HEADER)
+        if pin:
+            self.pin = pin
+
+    async def _on_status(self, code: str, desc: str, msg: Msg) -> None:
+        if code == "423":  # pinned to another client (or our pin expired): re-pin
+            self.pin = None
+        elif code == "409" and "Deleted" in desc:
+            self.worker.health.consumer_deleted += 1
+            log.warning("member consumer %s on %s was deleted; rejoining", self.me, self.stream)
+            self.filters = []
+            if self.loop is not None:
+                self.rt.background(self.loop.stop())
+                self.loop = None
+            self._changed.set()
+
+    async def _drop_consumer(self, grace: float | None = None) -> None:
+        """Stop pulling, hand back waiting tasks, let running ones finish, then delete
+        this member's consumer so its partitions can move without being consumed twice."""
+        if self.loop is None:
+            return
+        loop, self.loop = self.loop, None
+        await loop.stop()
+        self.rt.nak_waiting(self)
+        grace = self.worker.grace_period if grace is None else grace
+        running = self.rt.running_tasks(self)
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace)
+            if late:
+                log.warning(
+                    "%d task(s) of %s still running after %gs; their partitions move "
+                    "anyway and may run them again",
+                    len(late),
+                    self.cg,
+                    grace,
+                )
+        # acks are fire-and-forget: wait until the server counted them before deleting
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            info = await self._api(f"CONSUMER.INFO.{self.stream}.{self.me}", None)
+            if info.get("error") or not info.get("num_ack_pending"):
+                break
+            await asyncio.sleep(0.02)
+        await self._delete_consumer(self.me)
+
+    async def _delete_consumer(self, name: str) -> None:
+        await self._api(f"CONSUMER.DELETE.{self.stream}.{name}", None)
+
+    async def _api(self, what: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else b""
+        try:
+            msg = await self.worker.nc.request(f"$JS.API.{what}", data, timeout=5)
+        except nats.errors.TimeoutError:
+            return {"error": {"code": 408, "description": "JetStream API timeout"}}
+        out: dict[str, Any] = json.loads(msg.data)
+        return out
+
+    # ---------------------------------------------------------- liveness
+    async def _sweeper(self) -> None:
+        every = max(0.2, self.worker.liveness / 3)
+        while not self._stopping:
+            await asyncio.sleep(every * random.uniform(0.8, 1.2))
+            try:
+                await self.sweep()
+            except Exception as e:  # keep sweeping through reconnects
+                log.debug("sweep of %s failed: %s", self.key, e)
+
+    async def sweep(self) -> set[str]:
+        """Remove ``worker-…`` members whose directory entry lapsed; return them."""
+        cfg = self.config
+        if cfg is None or not cfg.members or self.kv is None:
+            return set()
+        candidates = {m for m in cfg.members if m.startswith("worker-") and m != self.me}
+        if not candidates:
+            return set()
+        alive = await live_workers(self.worker, self.worker.liveness)
+        dead = candidates - alive
+        if not dead:
+            return set()
+        log.info("removing dead members %s from %s", sorted(dead), self.key)
+        self.config = await cas_update(self.kv, self.key, lambda c: c.without_members(dead))
+        for m in dead:
+            await self._delete_consumer(m)
+        return dead
+
+    # ------------------------------------------------------------ stopping
+    async def leave(self) -> None:
+        """Stop taking part: leave the membership first so the others start taking over,
+        then stop pulling and hand back what has not started."""
+        self._stopping = True
+        self._changed.set()
+        if self.kv is not None:
+            with contextlib.suppress(Exception):
+                await cas_update(self.kv, self.key, lambda c: c.without_members({self.me}))
+        if self.loop is not None:
+            await self.loop.stop()
+        self.rt.nak_waiting(self)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        if self.loop is not None:
+            await self._drop_consumer(grace=0)
+
+
+async def live_workers(worker: Worker, liveness: float) -> set[str]:
+    """Ids of workers whose directory entry was refreshed within ``liveness`` seconds."""
+    kv = await worker.js.key_value(n.WORKERS_BUCKET)
+    now = time.time()
+    alive: set[str] = set()
+    for key, raw in (await kv_snapshot(kv)).items():
+        try:
+            seen = datetime.fromisoformat(json.loads(raw)["last_seen"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            alive.add(key)  # unknown format (another tool): treat as alive
+            continue
+        if now - seen <= liveness:
+            alive.add(key)
+    return alive
+
+
+class PartitionedRuntime(HandlerRuntime):
+    """A handler running as an elastic partitioned consumer group (one member per
+    worker group), with per-partition ordering."""
+
+    ordered = True
+
+    def __init__(self, worker: Worker, spec: HandlerSpec, partitions: int) -> None:
+        super().__init__(worker, spec)
+        self.partitions = partitions
+        self.members: list[ElasticMember] = []
+        self.waiting: dict[tuple[str, int], collections.deque[tuple[Msg, float]]] = {}
+        self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        for group in self.groups:
+            m = ElasticMember(self, group, self.partitions)
+            await m.start()
+            self.members.append(m)
+        self._hb_task = asyncio.create_task(self._heartbeats(), name=f"hb:{self.spec.task_type}")
+
+    def task_subject(self, msg: Msg) -> str:
+        return msg.subject.split(".", 1)[1]
+
+    def dispatch_partitioned(self, member: ElasticMember, msg: Msg) -> None:
+        member.note_pin(msg)
+        try:
+            key = (member.cg, int(msg.subject.split(".", 1)[0]))
+        except ValueError:
+            key = (member.cg, -1)
+        if key in self.running:
+            self.waiting.setdefault(key, collections.deque()).append((msg, time.monotonic()))
+            return
+        self._start(key, msg)
+
+    def _start(self, key: tuple[str, int], msg: Msg) -> None:
+        task = asyncio.create_task(self.worker._execute(self, msg))
+        self.inflight[task] = (msg, time.monotonic())
+        self.running[key] = task
+        task.add_done_callback(lambda t: self._finished(key, t))
+
+    def _finished(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        self.inflight.pop(task, None)
+        self.slots.give(1)
+        if self.running.get(key) is task:
+            del self.running[key]
+        queue = self.waiting.get(key)
+        if queue:
+            msg, _ = queue.popleft()
+            if not queue:
+                del self.waiting[key]
+            self._start(key, msg)
+
+    def held(self) -> list[tuple[Msg, float]]:
+        out = list(self.inflight.values())
+        for q in self.waiting.values():
+            out.extend(q)
+        return out
+
+    def nak_waiting(self, member: ElasticMember) -> None:
+        for key in [k for k in self.waiting if k[0] == member.cg]:
+            for msg, _ in self.waiting.pop(key):
+                self.background(_nak(msg))
+                self.slots.give(1)
+
+    def background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def running_tasks(self, member: ElasticMember) -> set[asyncio.Task[None]]:
+        return {t for k, t in self.running.items() if k[0] == member.cg}
+
+    def describe(self) -> dict[str, object]:
+        return {m.cg: m.held_partitions for m in self.members}
+
+    async def stop_pulling(self) -> None:
+        await asyncio.gather(*(m.leave() for m in self.members))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(m.stop() for m in self.members))
+        await super().stop()
+
+
+async def _nak(msg: Msg) -> None:
+    with contextlib.suppress(Exception):
+        await msg.nak()
