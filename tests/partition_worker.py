@@ -1,0 +1,58 @@
+"""A worker process for partition tests: ``python partition_worker.py TYPE PARTITIONS LOG``.
+
+Handles ``TYPE`` with ``partitions=PARTITIONS`` (0 = singleton) and appends one JSON
+line per execution to LOG: {"k": key, "i": index, "w": worker id, "t0": start, "t1": end}.
+Prints ``READY <worker id>`` once started; SIGTERM stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+import nats
+
+import jsworker
+
+
+async def main() -> None:
+    task_type, partitions, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    work = float(os.environ.get("JSW_TEST_WORK", "0.002"))
+    nc = await nats.connect(os.environ["NATS_URL"])
+    worker = jsworker.Worker(
+        nc, partitions=max(partitions, 0), heartbeat_interval=0.5, ack_wait=2.0, grace_period=5
+    )
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed at exit
+
+    async def handler(ctx: jsworker.TaskContext) -> object:
+        t0 = time.time()
+        await asyncio.sleep(work)
+        data = ctx.json()
+        log.write(
+            json.dumps(
+                {"k": data["k"], "i": data["i"], "w": worker.worker_id, "t0": t0, "t1": time.time()}
+            )
+            + "\n"
+        )
+        return None
+
+    if partitions == 0:
+        worker.handle_singleton(task_type, handler)
+    else:
+        worker.handle(task_type, handler)
+    await worker.start()
+    print("READY", worker.worker_id, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await worker.stop()
+    await nc.close()
+    log.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
