@@ -13,20 +13,20 @@ import os
 import signal
 import sys
 import time
+from typing import TextIO
 
 import nats
 
 import jsworker
 
 
-async def main() -> None:
-    task_type, partitions, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+async def main(log: TextIO) -> None:
+    task_type, partitions = sys.argv[1], int(sys.argv[2])
     work = float(os.environ.get("JSW_TEST_WORK", "0.002"))
     nc = await nats.connect(os.environ["NATS_URL"])
     worker = jsworker.Worker(
         nc, partitions=max(partitions, 0), heartbeat_interval=0.5, ack_wait=2.0, grace_period=5
     )
-    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed at exit
 
     async def handler(ctx: jsworker.TaskContext) -> object:
         t0 = time.time()
@@ -51,8 +51,8 @@ async def main() -> None:
     await stop.wait()
     await worker.stop()
     await nc.close()
-    log.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with open(sys.argv[3], "a", buffering=1) as log_file:
+        asyncio.run(main(log_file))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import random
 import signal
@@ -194,7 +195,7 @@ async def test_10k_tasks_with_workers_joining_and_leaving(
             firsts.setdefault(e["i"], e["t0"])
         order = sorted(firsts, key=lambda i: firsts[i])
         assert order == sorted(order), f"key {k} ran out of order"
-        for a, b in zip(es, es[1:], strict=False):
+        for a, b in itertools.pairwise(es):
             assert b["t0"] >= a["t1"] - 0.001, f"key {k}: overlapping executions {a} {b}"
     # none recorded twice
     counts = await completed_counts(nc, prefix, since)
@@ -237,7 +238,7 @@ async def test_singleton_never_concurrent_and_fails_over(
         takeover = min(e["t0"] for e in after) - t_kill
         assert takeover < 10, takeover
         execs.sort(key=lambda e: e["t0"])
-        for a, b in zip(execs, execs[1:], strict=False):
+        for a, b in itertools.pairwise(execs):
             assert b["t0"] >= a["t1"] - 0.001, f"concurrent singleton executions {a} {b}"
         assert {e["i"] for e in execs} == set(range(60))
     finally:
