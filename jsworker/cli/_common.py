@@ -50,7 +50,9 @@ class ConnOptions:
             "connect_timeout": self.connect_timeout,
             "name": name,
             "allow_reconnect": reconnect,
-            "max_reconnect_attempts": -1 if reconnect else 0,
+            # 0 would retry forever in nats-py; 1 means "try each server once"
+            "max_reconnect_attempts": -1 if reconnect else 1,
+            "reconnect_time_wait": 2 if reconnect else 0.1,
         }
         if self.creds:
             kwargs["user_credentials"] = self.creds

@@ -106,7 +106,7 @@ class DemoBoard:
             )
         done = len(self.finished)
         footer = Text(f"{done}/{total} tasks reached an outcome", style="bold")
-        return Group(table, footer, Text("\n".join(self.recent), style="dim"))
+        return Group(table, footer, Text("\n".join(self.recent), style="dim"))  # no markup
 
 
 async def run_demo(nc: NATS, *, tasks: int, rate: float, exit_after: bool) -> dict[str, Any]:

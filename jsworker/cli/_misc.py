@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 from nats.aio.client import Client as NATS
+from rich.markup import escape
 from rich.table import Table
 
 from .._client import Client
@@ -35,14 +36,19 @@ def workers(conn: ConnOptions, as_json: bool) -> None:
     for e in entries:
         parts = e.get("partitions") or {}
         table.add_row(
-            str(e.get("worker_id")),
-            ", ".join(e.get("task_types") or []),
-            ", ".join(e.get("groups") or []) or "all",
-            "; ".join(f"{k}: {v}" for k, v in parts.items()) if parts else "-",
-            str(e.get("hostname", "")),
-            str(e.get("pid", "")),
-            str(e.get("language", "")),
-            str(e.get("last_seen", "")),
+            *(
+                escape(c)
+                for c in (
+                    str(e.get("worker_id")),
+                    ", ".join(e.get("task_types") or []),
+                    ", ".join(e.get("groups") or []) or "all",
+                    "; ".join(f"{k}: {v}" for k, v in parts.items()) if parts else "-",
+                    str(e.get("hostname", "")),
+                    str(e.get("pid", "")),
+                    str(e.get("language", "")),
+                    str(e.get("last_seen", "")),
+                )
+            )
         )
     console.print(table)
 
@@ -100,5 +106,5 @@ def list_(conn: ConnOptions, run_id: str, as_json: bool) -> None:
     table.add_column("name")
     table.add_column("data")
     for k, v in sorted(sigs.items()):
-        table.add_row(k, json.dumps(v))
+        table.add_row(escape(k), escape(json.dumps(v)))
     console.print(table)

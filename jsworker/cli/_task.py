@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import click
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from rich.markup import escape
 
 from .. import _names as n
 from .._client import Client
@@ -99,10 +101,10 @@ def submit(
         console.print(f"submitted [bold]{task_type}[/] run [cyan]{out['run_id']}[/]{dup}")
         if wait:
             if out["status"] == "completed":
-                console.print(f"[green]completed[/]: {json.dumps(out['output'])}")
+                console.print(f"[green]completed[/]: {escape(json.dumps(out['output']))}")
             else:
                 err_console.print(
-                    f"[red]{out['status']}[/] ({out.get('kind', '')}): {out['error']}"
+                    f"[red]{out['status']}[/] ({out.get('kind', '')}): {escape(str(out['error']))}"
                 )
     if wait and out["status"] != "completed":
         sys.exit(1)
@@ -140,7 +142,7 @@ def _event_line(ev: dict[str, Any]) -> str:
     p = ev.get("payload") or {}
     et = ev.get("type", "?")
     style = {"step.completed": "green", "step.failed": "red", "step.cancelled": "yellow"}.get(
-        et, ""
+        et, "default"
     )
     detail = ""
     if "output" in p:
@@ -150,8 +152,8 @@ def _event_line(ev: dict[str, Any]) -> str:
     if p.get("reason"):
         detail = p["reason"]
     return (
-        f"{ev.get('timestamp', '')}  [{style}]{et:15}[/] {ev.get('step_id', '')} "
-        f"attempt {ev.get('attempt_number', '')}  {detail}"
+        f"{ev.get('timestamp', '')}  [{style}]{et:15}[/] {escape(str(ev.get('step_id', '')))} "
+        f"attempt {ev.get('attempt_number', '')}  {escape(str(detail))}"
     )
 
 
@@ -190,7 +192,8 @@ def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
                     if kind == "chunk":
                         step = item.subject.split(".", 2)[2]
                         seq = (item.headers or {}).get("Jsw-Seq", "")
-                        console.print(f"[dim]{step} #{seq}[/] {item.data.decode(errors='replace')}")
+                        text = escape(item.data.decode(errors="replace"))
+                        console.print(f"[dim]{escape(step)} #{seq}[/] {text}")
                         continue
                     console.print(_event_line(item))
                     p = item.get("payload") or {}
@@ -206,6 +209,8 @@ def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
             return False
         finally:
             follower.cancel()
+            with contextlib.suppress(BaseException):
+                await follower
             await sub.unsubscribe()
 
     if not run(with_nc(conn, go)):
