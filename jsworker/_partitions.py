@@ -466,8 +466,11 @@ class PartitionedRuntime(HandlerRuntime):
         super().__init__(worker, spec)
         self.partitions = partitions
         self.members: list[ElasticMember] = []
-        self.waiting: dict[tuple[str, int], collections.deque[tuple[Msg, float]]] = {}
-        self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # Tasks with one ordering key run one at a time, in order. The key is the task's
+        # partition key (its subject's last token); a singleton orders the whole
+        # partition, so at most one of its tasks runs at a time.
+        self.waiting: dict[tuple[str, int, str], collections.deque[tuple[Msg, float]]] = {}
+        self.running: dict[tuple[str, int, str], asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -482,22 +485,24 @@ class PartitionedRuntime(HandlerRuntime):
 
     def dispatch_partitioned(self, member: ElasticMember, msg: Msg) -> None:
         member.note_pin(msg)
+        head, _, rest = msg.subject.partition(".")
         try:
-            key = (member.cg, int(msg.subject.split(".", 1)[0]))
+            partition = int(head)
         except ValueError:
-            key = (member.cg, -1)
+            partition = -1
+        key = (member.cg, partition, "" if self.spec.singleton else rest.rsplit(".", 1)[-1])
         if key in self.running:
             self.waiting.setdefault(key, collections.deque()).append((msg, time.monotonic()))
             return
         self._start(key, msg)
 
-    def _start(self, key: tuple[str, int], msg: Msg) -> None:
+    def _start(self, key: tuple[str, int, str], msg: Msg) -> None:
         task = asyncio.create_task(self.worker._execute(self, msg))
         self.inflight[task] = (msg, time.monotonic())
         self.running[key] = task
         task.add_done_callback(lambda t: self._finished(key, t))
 
-    def _finished(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+    def _finished(self, key: tuple[str, int, str], task: asyncio.Task[None]) -> None:
         self.inflight.pop(task, None)
         self.slots.give(1)
         if self.running.get(key) is task:
