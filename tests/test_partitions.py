@@ -135,7 +135,7 @@ async def test_10k_tasks_with_workers_joining_and_leaving(
     since = time.time()
     procs: dict[str, asyncio.subprocess.Process] = {}
     for _ in range(2):
-        p, wid = await spawn(ttype, 8, log, server_env, work=0.004)
+        p, wid = await spawn(ttype, 8, log, server_env, work=0.08)
         procs[wid] = p
     client = jsworker.Client(nc)
     per_key = collections.Counter[str]()
@@ -155,13 +155,14 @@ async def test_10k_tasks_with_workers_joining_and_leaving(
         done = {(e["k"], e["i"]) for e in read_log(log)}
         return n_tasks - len(done)
 
-    # a worker joins or leaves (SIGTERM or SIGKILL) every 1.5 s while tasks flow
+    # a worker joins or leaves (SIGTERM or SIGKILL) every 1.5 s while tasks flow; tasks
+    # take 80 ms and one key runs at a time, so the drain lasts well past the churn
     for action in ["join", "kill", "join", "term", "kill", "join", "term", "join"]:
         await asyncio.sleep(1.5)
         if await remaining() == 0:
             break
         if action == "join":
-            p, wid = await spawn(ttype, 8, log, server_env, work=0.004)
+            p, wid = await spawn(ttype, 8, log, server_env, work=0.08)
             procs[wid] = p
             continue
         wid = rng.choice(sorted(procs))
