@@ -80,8 +80,6 @@ class PullLoop:
     groups use it); ``on_status(code, desc, msg)`` sees every non-terminal status.
     """
 
-    MAX_OUTSTANDING = 4
-
     def __init__(
         self,
         nc: NATS,
@@ -178,13 +176,12 @@ class PullLoop:
             while not self._stopping:
                 self._expire_lost()
                 # With requests already out, wait for a quarter batch of free slots so
-                # slots trickling back one by one do not become many 1-message requests
-                # (the server refuses more than max_waiting of them).
-                while len(self._requests) >= self.MAX_OUTSTANDING and not self._stopping:
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), 1.0)
-                    self._expire_lost()
+                # slots trickling back one by one do not become many 1-message requests.
+                # Every open request holds at least one slot, so at most `slots.size`
+                # (and with this rule about 4) requests are ever open: well under the
+                # server's max_waiting. (Counting open requests instead does not work:
+                # which request a message answers is not known, so a count can believe
+                # requests are open that the server has already filled, and stall.)
                 least = 1 if not self._requests else max(1, min(self.batch, self.slots.size) // 4)
                 k = await self._take(self.batch, least)
                 if k == 0:
