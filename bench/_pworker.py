@@ -23,8 +23,9 @@ async def main(log: TextIO) -> None:
     task_type, partitions = sys.argv[1], int(sys.argv[2])
     hb = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
     nc = await nats.connect(os.environ["NATS_URL"])
-    worker = jsworker.Worker(nc, partitions=max(partitions, 0), heartbeat_interval=hb,
-                             ack_wait=2.0, concurrency=128)
+    worker = jsworker.Worker(
+        nc, partitions=max(partitions, 0), heartbeat_interval=hb, ack_wait=2.0, concurrency=128
+    )
 
     async def handler(ctx: jsworker.TaskContext) -> None:
         data = ctx.json()

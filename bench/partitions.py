@@ -52,8 +52,13 @@ def partition_of(key: str, n: int) -> int:
 
 async def spawn(ttype: str, partitions: int, log: Path, url: str) -> tuple[Any, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(HERE / "_pworker.py"), ttype, str(partitions), str(log),
-        env={**os.environ, "NATS_URL": url}, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        str(HERE / "_pworker.py"),
+        ttype,
+        str(partitions),
+        str(log),
+        env={**os.environ, "NATS_URL": url},
+        stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()
@@ -93,10 +98,14 @@ async def rebalance_once(nc: NATS, url: str, mode: str, tmp: Path) -> float:
     stop = asyncio.Event()
     prod = asyncio.create_task(producer(nc, ttype, stop))
     try:
+
         def steady() -> bool:
             seen = {(e["w"], partition_of(e["k"], 8)) for e in read(log)}
-            return {p for w, p in seen if w == wa} | {p for w, p in seen if w == wb} == set(
-                range(8)) and any(w == wa for w, _ in seen) and any(w == wb for w, _ in seen)
+            return (
+                {p for w, p in seen if w == wa} | {p for w, p in seen if w == wb} == set(range(8))
+                and any(w == wa for w, _ in seen)
+                and any(w == wb for w, _ in seen)
+            )
 
         if not await wait_for(steady, 30):
             raise RuntimeError("workers never reached a steady state")
@@ -193,15 +202,24 @@ async def main() -> None:
             await jsworker.setup_all(nc)
             for mode in ("stop", "kill"):
                 times = [await rebalance_once(nc, srv.url, mode, tmp) for _ in range(args.rounds)]
-                out[f"rebalance_{mode}_s"] = {"median": statistics.median(times),
-                                             "max": max(times), "runs": times}
+                out[f"rebalance_{mode}_s"] = {
+                    "median": statistics.median(times),
+                    "max": max(times),
+                    "runs": times,
+                }
             times = [await failover_once(nc, srv.url, tmp) for _ in range(args.rounds)]
-            out["singleton_failover_s"] = {"median": statistics.median(times), "max": max(times),
-                                           "runs": times}
+            out["singleton_failover_s"] = {
+                "median": statistics.median(times),
+                "max": max(times),
+                "runs": times,
+            }
             unp = await throughput_once(nc, srv.url, -1, args.tasks, tmp)
             part = await throughput_once(nc, srv.url, 8, args.tasks, tmp)
-            out["throughput_tasks_per_s"] = {"unpartitioned_2_procs": unp,
-                                             "partitions_8_2_procs": part, "ratio": part / unp}
+            out["throughput_tasks_per_s"] = {
+                "unpartitioned_2_procs": unp,
+                "partitions_8_2_procs": part,
+                "ratio": part / unp,
+            }
             await nc.close()
     out["liveness_interval_s"] = 3.0
     if args.json:
@@ -211,8 +229,12 @@ async def main() -> None:
         if isinstance(v, dict) and "median" in v:
             print(f"{k:26} median {v['median']:.3f}  max {v['max']:.3f}  (n={len(v['runs'])})")
         elif isinstance(v, dict):
-            print(f"{k:26} " + "  ".join(f"{a}={b:.1f}" if isinstance(b, float) else f"{a}={b}"
-                                          for a, b in v.items()))
+            print(
+                f"{k:26} "
+                + "  ".join(
+                    f"{a}={b:.1f}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()
+                )
+            )
         else:
             print(f"{k:26} {v}")
 
