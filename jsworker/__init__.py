@@ -3,7 +3,7 @@
 The public API is what this module exports; everything in ``_modules`` is private.
 """
 
-from ._client import Client, TaskHandle, TaskRequest
+from ._client import Client, StreamItem, TaskHandle, TaskRequest
 from ._context import Outcome, TaskCancelledError, TaskContext, TaskInfo
 from ._directory import list_workers
 from ._errors import (
@@ -51,6 +51,7 @@ __all__ = [
     "RetryableError",
     "ServerError",
     "SignalTimeoutError",
+    "StreamItem",
     "TaskCancelledError",
     "TaskContext",
     "TaskError",

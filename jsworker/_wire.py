@@ -25,6 +25,7 @@ EXHAUSTED = "exhausted"
 INVALID_PAYLOAD = "invalid_payload"
 TERMINAL_KINDS = frozenset({NON_RETRIABLE, EXHAUSTED, INVALID_PAYLOAD})
 
+_SCALARS = frozenset({str, int, float, bool})
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -34,6 +35,8 @@ def dumps(value: JSON) -> bytes:
 
 def to_json_value(value: object, what: str) -> JSON:
     """Normalise an input/output: bytes must hold JSON; other values must be encodable."""
+    if value is None or type(value) in _SCALARS:
+        return value  # hot path: nothing to check (NaN/inf are written as the stdlib does)
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
         if not raw:
