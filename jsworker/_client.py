@@ -238,7 +238,7 @@ class Client:
             if chunk_sub is not None:
                 with contextlib.suppress(Exception):
                     await chunk_sub.unsubscribe()
-            if isinstance(e, nats.errors.NoRespondersError):
+            if isinstance(e, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
                 raise NotProvisionedError(
                     f"no stream captures {subject}: run `jsworker kv setup` to create "
                     f"{n.TASK_STREAM}"
@@ -257,6 +257,17 @@ class Client:
             ack.seq,
             chunk_sub,
         )
+
+    async def _publish(self, subject: str, body: bytes, msg_id: str) -> Any:
+        try:
+            return await self.js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+            raise NotProvisionedError(
+                f"no stream captures {subject}: run `jsworker kv setup` to create "
+                f"{n.TASK_STREAM}"
+            ) from None
+        except nats.errors.TimeoutError:
+            raise ServerError(f"publishing {subject} timed out") from None
 
     async def cancel(self, run_id: str, reason: str = "") -> None:
         """Cancel every step of run ``run_id`` (needs KV ``signals``): queued tasks of the
@@ -288,9 +299,7 @@ class Client:
         async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str]) -> TaskHandle:
             subject, body, run_id, step_id, task_id = b
             async with sem:
-                ack = await self.js.publish(
-                    subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
-                )
+                ack = await self._publish(subject, body, f"{run_id}.{step_id}.0")
             return TaskHandle(
                 self, t.task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
             )

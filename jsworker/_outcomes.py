@@ -80,16 +80,20 @@ class OutcomeRecorder:
                 o = Outcome("permanent", error=f"max_iterations ({spec.max_iterations}) reached")
                 await self.terminal(checkpointed, spec, info, payload, msg, o, "max_iterations")
                 return
-            body = replace(payload, iteration=nxt, attempt=1, input=o.output).encode()
-            await self.js.publish(
-                info.subject, body, headers={"Nats-Msg-Id": f"{info.run_id}.{info.step_id}.{nxt}"}
-            )
+            # The event first, then the successor: history stays in causal order (the
+            # next iteration cannot start, let alone finish, before this one's
+            # step.continue is stored). A crash in between re-runs this iteration, whose
+            # event and successor are both deduplicated by id.
             await self.event(
                 info,
                 payload,
                 w.STEP_CONTINUE,
                 info.iteration,
                 {**base, "output": o.output, "next_iteration": nxt},
+            )
+            body = replace(payload, iteration=nxt, attempt=1, input=o.output).encode()
+            await self.js.publish(
+                info.subject, body, headers={"Nats-Msg-Id": f"{info.run_id}.{info.step_id}.{nxt}"}
             )
             await msg.ack()
             self.stats.continued += 1

@@ -155,6 +155,17 @@ def _diff(spec: StreamSpec, cfg: StreamConfig, replicas: int) -> tuple[list[str]
     return safe, unsafe
 
 
+def _covers(wide: str, narrow: str) -> bool:
+    """True when subject pattern ``wide`` matches everything ``narrow`` matches."""
+    w, n_ = wide.split("."), narrow.split(".")
+    for i, tok in enumerate(w):
+        if tok == ">":
+            return len(n_) > i
+        if i >= len(n_) or (tok != "*" and tok != n_[i]) or (tok == "*" and n_[i] == ">"):
+            return False
+    return len(w) == len(n_)
+
+
 def _v(x: object) -> str:
     return str(getattr(x, "value", x))
 
@@ -186,7 +197,9 @@ async def _ensure(
         status: Status = "would-update" if (mode == "dry_run" and safe and update) else "drifted"
         return ProvisionResult(kind, name, status, details)
     cfg = info.config
-    cfg.subjects = sorted(set(cfg.subjects or ()) | set(spec.subjects))
+    # keep subjects the wanted ones do not cover; the server refuses overlapping ones
+    kept = {x for x in cfg.subjects or () if not any(_covers(w, x) for w in spec.subjects)}
+    cfg.subjects = sorted(kept | set(spec.subjects))
     cfg.max_age = spec.max_age
     if spec.kv_bucket is None:
         cfg.duplicate_window = spec.duplicate_window

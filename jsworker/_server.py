@@ -26,6 +26,7 @@ from types import TracebackType
 from ._errors import EmbeddedServerError
 
 _READY = "Server is ready"
+_META_LEADER = "metadata leader"  # "new metadata leader: X" or "Self is new ... leader"
 
 
 def find_nats_server() -> str:
@@ -314,10 +315,20 @@ class EmbeddedCluster:
         for s in self.servers:
             s._launch()
 
+    def _ready(self) -> bool:
+        """Every node is up *and* knows the JetStream meta leader: before that, the first
+        JetStream API requests go unanswered."""
+        if not all(s._poll_ready() for s in self.servers):
+            return False
+        return all(
+            s._log is not None and _META_LEADER in s._log.read_text("utf-8", "replace")
+            for s in self.servers
+        )
+
     def start_sync(self) -> EmbeddedCluster:
         self._launch_all()
         deadline = time.monotonic() + self.startup_timeout
-        while not all(s._poll_ready() for s in self.servers):
+        while not self._ready():
             if time.monotonic() > deadline:
                 self.stop_sync()
                 raise EmbeddedServerError("cluster did not become ready in time")
@@ -327,7 +338,7 @@ class EmbeddedCluster:
     async def start(self) -> EmbeddedCluster:
         self._launch_all()
         deadline = time.monotonic() + self.startup_timeout
-        while not all(s._poll_ready() for s in self.servers):
+        while not self._ready():
             if time.monotonic() > deadline:
                 await asyncio.to_thread(self.stop_sync)
                 raise EmbeddedServerError("cluster did not become ready in time")

@@ -316,7 +316,8 @@ class Worker:
         await asyncio.gather(*(rt.stop_pulling() for rt in runtimes))
         pending = [t for rt in runtimes for t in rt.inflight]
         if pending:
-            _, still = await asyncio.wait(pending, timeout=grace or None)
+            # grace 0 means none: asyncio.wait(timeout=0) returns at once
+            _, still = await asyncio.wait(pending, timeout=grace)
             if still:
                 for rt in runtimes:
                     for t in list(rt.inflight):
