@@ -91,45 +91,50 @@ class ElasticConfig:
 
     @classmethod
     def from_json(cls, data: bytes, revision: int = 0) -> ElasticConfig:
+        """Decode as Go's ``json.Unmarshal`` into orbit.go's struct would: wrong JSON types
+        (``"2"``, ``2.5``, ``true`` for a number, a string for a list ...) are refused;
+        unknown keys are ignored."""
         try:
             obj = json.loads(data)
         except ValueError as e:
             raise PartitionConfigError(f"elastic consumer group config is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise PartitionConfigError("elastic consumer group config must be a JSON object")
-        try:
-            pfs_raw = obj.get("partitioning_filters")
-            pfs = (
-                None
-                if pfs_raw is None
-                else tuple(
-                    PartitioningFilter(str(p["filter"]), _ints(p.get("partitioning_wildcards")))
-                    for p in pfs_raw
+        pfs_raw = _list(obj.get("partitioning_filters"), "partitioning_filters")
+        pfs = (
+            None
+            if pfs_raw is None
+            else tuple(
+                PartitioningFilter(
+                    _str(_obj(p, "partitioning filter").get("filter", ""), "filter"),
+                    _int_list(p.get("partitioning_wildcards"), "partitioning_wildcards"),
                 )
+                for p in pfs_raw
             )
-            mms_raw = obj.get("member_mappings")
-            mms = (
-                None
-                if mms_raw is None
-                else tuple(
-                    MemberMapping(str(m["member"]), _ints(m.get("partitions"))) for m in mms_raw
+        )
+        mms_raw = _list(obj.get("member_mappings"), "member_mappings")
+        mms = (
+            None
+            if mms_raw is None
+            else tuple(
+                MemberMapping(
+                    _str(_obj(m, "member mapping").get("member", ""), "member"),
+                    _int_list(m.get("partitions"), "partitions"),
                 )
+                for m in mms_raw
             )
-            members_raw = obj.get("members")
-            members = None if members_raw is None else tuple(str(m) for m in members_raw)
-            return cls(
-                max_members=int(obj.get("max_members") or 0),
-                partitioning_filters=pfs,
-                max_buffered_msg=int(obj.get("max_buffered_msg") or 0),
-                max_buffered_bytes=int(obj.get("max_buffered_bytes") or 0),
-                members=members,
-                member_mappings=mms,
-                revision=revision,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise PartitionConfigError(
-                f"elastic consumer group config has a bad field: {e}"
-            ) from None
+        )
+        members_raw = _list(obj.get("members"), "members")
+        members = None if members_raw is None else tuple(_str(m, "member") for m in members_raw)
+        return cls(
+            max_members=_int(obj.get("max_members", 0), "max_members", 0, 2**64 - 1),
+            partitioning_filters=pfs,
+            max_buffered_msg=_int(obj.get("max_buffered_msg", 0), "max_buffered_msg"),
+            max_buffered_bytes=_int(obj.get("max_buffered_bytes", 0), "max_buffered_bytes"),
+            members=members,
+            member_mappings=mms,
+            revision=revision,
+        )
 
     # ------------------------------------------------------------ membership
     def is_member(self, name: str) -> bool:
@@ -161,8 +166,45 @@ class ElasticConfig:
         return replace(self, member_mappings=())
 
 
-def _ints(v: Any) -> tuple[int, ...] | None:
-    return None if v is None else tuple(int(x) for x in v)
+def _bad(what: str, v: Any, want: str) -> PartitionConfigError:
+    return PartitionConfigError(
+        f"elastic consumer group config has a bad field: {what} is {json.dumps(v)}, not {want}"
+    )
+
+
+def _int(v: Any, what: str, lo: int = -(2**63), hi: int = 2**63 - 1) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(what, v, f"an integer in [{lo}, {hi}]")
+    return v
+
+
+def _str(v: Any, what: str) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise _bad(what, v, "a string")
+    return v
+
+
+def _list(v: Any, what: str) -> list[Any] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list):
+        raise _bad(what, v, "a list")
+    return v
+
+
+def _obj(v: Any, what: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _bad(what, v, "an object")
+    return v
+
+
+def _int_list(v: Any, what: str) -> tuple[int, ...] | None:
+    items = _list(v, what)
+    return None if items is None else tuple(_int(x, what) for x in items)
 
 
 def _go_ints(v: tuple[int, ...] | None) -> str:

@@ -131,3 +131,30 @@ def test_members_cannot_be_added_to_mapped_groups() -> None:
     cfg = ElasticConfig(1, member_mappings=(MemberMapping("a", (0,)),))
     with pytest.raises(PartitionConfigError):
         cfg.with_member("b")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"max_members":-1}',  # uint
+        b'{"max_members":2.0}',
+        b'{"max_members":true}',
+        b'{"max_members":"2"}',
+        b'{"max_members":18446744073709551616}',  # over uint64
+        b'{"max_members":2,"members":"a"}',
+        b'{"max_members":2,"members":[1]}',
+        b'{"max_members":2,"partitioning_filters":{}}',
+        b'{"max_members":2,"partitioning_filters":[{"filter":1}]}',
+        b'{"max_members":2,"member_mappings":[{"member":"a","partitions":[0.5]}]}',
+    ],
+)
+def test_json_types_go_would_refuse_are_refused(raw: bytes) -> None:
+    with pytest.raises(PartitionConfigError, match="bad field"):
+        ElasticConfig.from_json(raw)
+
+
+def test_missing_wildcards_decode_as_nil_and_encode_as_null_like_go() -> None:
+    raw = b'{"max_members":2,"partitioning_filters":[{"filter":"x.*"}]}'
+    assert ElasticConfig.from_json(raw).to_json() == (
+        b'{"max_members":2,"partitioning_filters":[{"filter":"x.*","partitioning_wildcards":null}]}'
+    )
