@@ -124,7 +124,7 @@ def test_bad_json_is_a_clear_error() -> None:
     with pytest.raises(PartitionConfigError, match="not JSON"):
         ElasticConfig.from_json(b"{nope")
     with pytest.raises(PartitionConfigError, match="bad field"):
-        ElasticConfig.from_json(b'{"max_members":2,"member_mappings":[{"partitions":[0]}]}')
+        ElasticConfig.from_json(b'{"max_members":2,"member_mappings":[{"member":5}]}')
 
 
 def test_members_cannot_be_added_to_mapped_groups() -> None:
