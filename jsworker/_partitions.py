@@ -209,8 +209,9 @@ class ElasticMember:
                     num_replicas=origin.config.num_replicas,
                     discard=DiscardPolicy.NEW,
                     sources=[src],
+                    # exactly orbit.go CreateElastic's settings (no description etc.), so
+                    # a later CreateElastic for this group finds an identical stream
                     allow_direct=True,
-                    description=f"jsworker partitions of {self.cg}",
                 )
             )
         except nats.js.errors.APIError as e:
