@@ -1,17 +1,28 @@
-"""The ``jsworker`` command line (click + rich). Lives inside the package."""
+"""The ``jsworker`` command line (click + rich), one module per command group:
+
+* ``_connect``: the root's connection options, connecting, error mapping (``run``);
+* ``_output`` / ``_input``: rich and JSON output, JSON arguments;
+* ``_kv``, ``_serve`` (+ ``_importer``), ``_dev`` (+ ``_demo``), ``_task``,
+  ``_signal``, ``_workers``, ``_partitions``: the commands.
+
+Errors the user can act on are one red line on stderr and exit code 1; usage errors
+exit 2. Signal handlers are installed only here (``serve``, ``dev``), never by the
+library.
+"""
 
 from __future__ import annotations
 
 import click
 
 from .._version import __version__
-from ._common import ConnOptions
+from ._connect import ConnOptions, connection_options
 from ._dev import dev
 from ._kv import kv_group
-from ._misc import signal_group, workers
 from ._partitions import partitions_group
 from ._serve import serve
+from ._signal import signal_group
 from ._task import task_group
+from ._workers import workers
 
 
 @click.group(
@@ -19,27 +30,11 @@ from ._task import task_group
         "auto_envvar_prefix": "JSWORKER",
         "show_default": True,
         "help_option_names": ["-h", "--help"],
+        "max_content_width": 100,
     }
 )
 @click.version_option(__version__, prog_name="jsworker")
-@click.option(
-    "--url",
-    envvar=["NATS_URL", "JSWORKER_URL"],
-    default="nats://127.0.0.1:4222",
-    help="NATS server URL(s), comma-separated (env NATS_URL).",
-)
-@click.option(
-    "--creds", type=click.Path(dir_okay=False), default=None, help="NATS credentials file (.creds)."
-)
-@click.option("--user", default=None, help="User name.")
-@click.option("--password", default=None, help="Password (env JSWORKER_PASSWORD).")
-@click.option("--token", default=None, help="Auth token (env JSWORKER_TOKEN).")
-@click.option("--tls-ca", type=click.Path(dir_okay=False), default=None, help="CA certificate.")
-@click.option(
-    "--tls-cert", type=click.Path(dir_okay=False), default=None, help="Client certificate."
-)
-@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Client key.")
-@click.option("--connect-timeout", type=float, default=5.0, help="Seconds.")
+@connection_options
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -55,12 +50,17 @@ def cli(
 ) -> None:
     """jsworker: run task handlers on NATS JetStream.
 
+    Every option can also come from the environment: JSWORKER_<OPTION>
+    (e.g. JSWORKER_TOKEN, JSWORKER_KV_SETUP_REPLICAS); the URL also from
+    NATS_URL.
+
     \b
     Examples:
-      jsworker dev --demo                      # embedded server + demo, no setup needed
-      jsworker kv setup --check                # CI: are streams and buckets in place?
-      jsworker serve myapp.tasks:make_worker   # run your worker
+      jsworker dev --demo --exit-after-demo      # embedded server + demo, no setup
+      jsworker kv setup --check                  # CI: streams and buckets in place?
+      jsworker serve myapp.tasks:make_worker     # run your worker
       jsworker task submit send-email '{"to": "a@b.c"}' --wait
+      jsworker --url nats://nats:4222 --creds app.creds workers
     """
     ctx.obj = ConnOptions(
         url=url,
@@ -75,16 +75,12 @@ def cli(
     )
 
 
-cli.add_command(kv_group)
-cli.add_command(serve)
-cli.add_command(dev)
-cli.add_command(task_group)
-cli.add_command(workers)
-cli.add_command(signal_group)
-cli.add_command(partitions_group)
+for command in (kv_group, serve, dev, task_group, workers, signal_group, partitions_group):
+    cli.add_command(command)
 
 
 def main() -> None:
+    """Console-script entry point (``jsworker = jsworker.cli:main``)."""
     cli(prog_name="jsworker")
 
 

@@ -4,9 +4,10 @@ with library and NATS errors turned into one clear line (exit code 1)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -83,7 +84,7 @@ class ConnOptions:
         """Connect an existing, not yet connected client (a module-level Worker's)."""
         reporter = _ErrorReporter()
         try:
-            await nc.connect(**self.kwargs(name, reporter))
+            await nc.connect(**self.kwargs(name, reporter.cb))
         except nats.errors.NoServersError:
             raise CLIError(self._unreachable()) from None
         except (TimeoutError, ConnectionRefusedError):
@@ -117,13 +118,14 @@ class ConnOptions:
 
 
 class _ErrorReporter:
-    """nats-py's ``error_cb``. Its default logs a traceback; here errors while connecting
-    are reported by the command itself, and later ones (a long-running command's
-    disconnects) as one yellow line."""
+    """nats-py's ``error_cb`` (which must be a coroutine function, hence :meth:`cb`). Its
+    default logs a traceback; here errors while connecting are reported by the command
+    itself, and later ones (a long-running command's disconnects) as one yellow line."""
 
-    loud = False
+    def __init__(self) -> None:
+        self.loud = False
 
-    async def __call__(self, e: Exception) -> None:
+    async def cb(self, e: Exception) -> None:
         if self.loud:
             err(f"nats: {e or type(e).__name__}", style="yellow")
 
@@ -183,6 +185,11 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise CLIError("the NATS server did not answer in time") from None
     except (nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError):
         raise CLIError("the connection to NATS was lost") from None
+    except nats.js.errors.NoStreamResponseError:
+        # what nats-py raises when a JetStream publish matches no stream
+        raise CLIError(
+            "no stream captures this subject: run `jsworker kv setup` to create TASK_QUEUES"
+        ) from None
     except nats.errors.NoRespondersError:
         raise CLIError("no responders (is JetStream enabled on the server?)") from None
     except nats.errors.Error as e:
@@ -190,6 +197,16 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except KeyboardInterrupt:
         err("interrupted", style="yellow")
         sys.exit(130)
+
+
+@contextlib.contextmanager
+def library_errors() -> Iterator[None]:
+    """For checks made before connecting (names, options): the library's message,
+    one line, exit 1."""
+    try:
+        yield
+    except JSWorkerError as e:
+        raise CLIError(str(e)) from None
 
 
 async def with_nc(conn: ConnOptions, fn: Callable[[NATS], Awaitable[T]]) -> T:

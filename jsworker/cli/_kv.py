@@ -1,4 +1,4 @@
-"""``jsworker kv setup``: provision streams and KV buckets."""
+"""``jsworker kv setup``: provision (or check) the streams and KV buckets."""
 
 from __future__ import annotations
 
@@ -6,24 +6,24 @@ import sys
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from .._provision import Mode, ProvisionResult, setup_all
-from ._common import ConnOptions, console, pass_conn, print_json, run, with_nc
+from .._provision import OPTIONAL_BUCKETS, Mode, ProvisionResult, setup_all
+from ._connect import ConnOptions, pass_conn, run, with_nc
+from ._output import STATUS_STYLE, console, print_json
 
-STYLE = {
-    "created": "green",
-    "exists": "dim",
-    "updated": "yellow",
-    "drifted": "red",
-    "missing": "red",
-    "would-create": "cyan",
-    "would-update": "cyan",
-}
+FAILING = ("missing", "drifted")
 
 
 @click.group("kv")
 def kv_group() -> None:
-    """Streams and KV buckets."""
+    """Streams and KV buckets.
+
+    \b
+    Examples:
+      jsworker kv setup
+      jsworker kv setup --check
+    """
 
 
 @kv_group.command("setup")
@@ -31,20 +31,15 @@ def kv_group() -> None:
     "--replicas",
     type=click.IntRange(1, 5),
     default=1,
-    show_default=True,
-    help="Replicas for new streams and buckets (3 on a 3-node cluster).",
+    help="Replicas of new streams and buckets (3 on a 3-node cluster).",
 )
-@click.option(
-    "--check", is_flag=True, help="Change nothing; exit 1 if anything is missing or drifted."
-)
-@click.option(
-    "--dry-run", is_flag=True, help="Change nothing; show what would be created or updated."
-)
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 on missing/drifted.")
+@click.option("--dry-run", is_flag=True, help="Change nothing; show what would be done.")
 @click.option(
     "--no-optional", is_flag=True, help="Skip the optional checkpoints and signals buckets."
 )
-@click.option("--no-update", is_flag=True, help="Report drift but never update existing streams.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--no-update", is_flag=True, help="Report drift but never update a stream.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @pass_conn
 def setup(
     conn: ConnOptions,
@@ -57,17 +52,21 @@ def setup(
 ) -> None:
     """Create the streams and KV buckets jsworker uses (idempotent).
 
-    Streams TASK_QUEUES, STICKY_TASKS, WORKFLOW_HISTORY, DEAD_LETTERS; buckets workers,
-    rate_limits, sticky_bindings, elastic-consumer-groups, and the optional checkpoints
-    and signals. An existing one with another config is reported as drifted, and
-    updated when the change is safe (max age, duplicate window, replicas, subjects).
+    Streams TASK_QUEUES, STICKY_TASKS, WORKFLOW_HISTORY and DEAD_LETTERS; KV
+    buckets workers, rate_limits, sticky_bindings, elastic-consumer-groups and
+    the optional checkpoints and signals. One that exists with another
+    configuration is "drifted"; what can change in place (max age, duplicate
+    window, history, replicas, added subjects) is updated, the rest
+    (retention, storage) is only reported. Statuses: created, exists, updated,
+    drifted, missing (--check), would-create / would-update (--dry-run).
 
     \b
     Examples:
       jsworker kv setup
-      jsworker kv setup --replicas 3
-      jsworker kv setup --check          # in CI: exit 1 on anything missing or drifted
-      jsworker kv setup --dry-run --json
+      jsworker kv setup --replicas 3 --url nats://n1:4222,nats://n2:4222
+      jsworker kv setup --check           # CI: exit 1 if anything is missing or drifted
+      jsworker kv setup --dry-run --json | jq '.[] | select(.status != "exists")'
+      jsworker kv setup --no-optional     # no checkpoints/signals buckets
     """
     if check and dry_run:
         raise click.UsageError("--check and --dry-run are exclusive")
@@ -79,7 +78,7 @@ def setup(
                 nc,
                 replicas=replicas,
                 mode=mode,
-                optional=() if no_optional else ("checkpoints", "signals"),
+                optional=() if no_optional else OPTIONAL_BUCKETS,
                 update=not no_update,
             ),
         )
@@ -87,12 +86,16 @@ def setup(
     if as_json:
         print_json([r.as_dict() for r in results])
     else:
-        table = Table(title=f"jsworker kv setup ({mode.replace('_', '-')})")
+        table = Table(title=Text(f"jsworker kv setup ({mode.replace('_', '-')}) on {conn.url}"))
         for col in ("kind", "name", "status", "details"):
             table.add_column(col)
         for r in results:
-            st = STYLE.get(r.status, "")
-            table.add_row(r.kind, r.name, f"[{st}]{r.status}[/]", "\n".join(r.details))
+            table.add_row(
+                r.kind,
+                r.name,
+                Text(r.status, style=STATUS_STYLE.get(r.status, "")),
+                Text("\n".join(r.details)),
+            )
         console.print(table)
-    if check and any(r.status in ("missing", "drifted") for r in results):
+    if check and any(r.status in FAILING for r in results):
         sys.exit(1)

@@ -14,6 +14,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from .. import _names as n
 from .._errors import NotProvisionedError
@@ -27,7 +28,8 @@ from .._pcg_config import (
     group_stream,
 )
 from .._services import kv_snapshot
-from ._common import ConnOptions, console, pass_conn, print_json, run, with_nc
+from ._connect import ConnOptions, pass_conn, run, with_nc
+from ._output import CLIError, console, print_json
 
 
 async def _kv(nc: NATS) -> Any:
@@ -52,7 +54,7 @@ async def group_view(nc: NATS, cg: str, stream: str = n.TASK_STREAM) -> dict[str
     try:
         entry = await kv.get(group_key(stream, cg))
     except nats.js.errors.KeyNotFoundError:
-        raise click.ClickException(
+        raise CLIError(
             f"no elastic group {group_key(stream, cg)} (is the type partitioned? "
             "`jsworker partitions list` shows the groups)"
         ) from None
@@ -110,8 +112,8 @@ def _render(view: dict[str, Any]) -> Table:
     for p in view["partitions"]:
         t.add_row(
             str(p["partition"]),
-            p["member"] or "[red]unassigned[/]",
-            "[green]yes[/]" if p["consuming"] else "[yellow]no[/]",
+            Text(p["member"]) if p["member"] else Text("unassigned", style="red"),
+            Text("yes", style="green") if p["consuming"] else Text("no", style="yellow"),
             "yes" if p["pinned"] else "no",
             str(p["pending"]),
         )
@@ -120,7 +122,13 @@ def _render(view: dict[str, Any]) -> Table:
 
 @click.group("partitions")
 def partitions_group() -> None:
-    """Elastic partitioned consumer groups (orbit.go pcgroups compatible)."""
+    """Elastic partitioned consumer groups (orbit.go pcgroups compatible).
+
+    \b
+    Examples:
+      jsworker partitions list
+      jsworker partitions show resize-image
+    """
 
 
 @partitions_group.command("list")
@@ -222,7 +230,13 @@ def watch(
 
 @partitions_group.group("members")
 def members_group() -> None:
-    """Add or remove members by hand (e.g. for orbit.go consumers)."""
+    """Add or remove members by hand (e.g. for orbit.go consumers).
+
+    \b
+    Examples:
+      jsworker partitions members add resize-image orbit-1
+      jsworker partitions members remove resize-image orbit-1
+    """
 
 
 def _change(
@@ -235,16 +249,16 @@ def _change(
         try:
             await cas_update(kv, group_key(n.TASK_STREAM, cg), mutate)
         except nats.js.errors.KeyNotFoundError:
-            raise click.ClickException(f"no elastic group {group_key(n.TASK_STREAM, cg)}") from None
+            raise CLIError(f"no elastic group {group_key(n.TASK_STREAM, cg)}") from None
         except PartitionConfigError as e:
-            raise click.ClickException(str(e)) from None
+            raise CLIError(str(e)) from None
         return await group_view(nc, cg)
 
     view = run(with_nc(conn, go))
     if as_json:
         print_json(view)
     else:
-        console.print(f"{what}:")
+        console.print(Text(f"{what}:"))
         console.print(_render(view))
 
 
@@ -302,7 +316,13 @@ def members_remove(
 
 @partitions_group.group("mappings")
 def mappings_group() -> None:
-    """Pin partitions to members by hand (member mappings)."""
+    """Pin partitions to members by hand (member mappings).
+
+    \b
+    Examples:
+      jsworker partitions mappings set resize-image worker-aa=0,1 worker-bb=2,3
+      jsworker partitions mappings clear resize-image
+    """
 
 
 @mappings_group.command("set")
@@ -373,7 +393,7 @@ def delete(conn: ConnOptions, task_type: str, group: str | None, force: bool) ->
         with contextlib.suppress(nats.js.errors.NotFoundError):
             si = await js.stream_info(group_stream(n.TASK_STREAM, cg))
             if si.state.messages and not force:
-                raise click.ClickException(
+                raise CLIError(
                     f"{group_stream(n.TASK_STREAM, cg)} still holds {si.state.messages} "
                     "task(s); drain it first or pass --force"
                 )
@@ -381,5 +401,5 @@ def delete(conn: ConnOptions, task_type: str, group: str | None, force: bool) ->
         await kv.delete(group_key(n.TASK_STREAM, cg))
 
     run(with_nc(conn, go))
-    console.print(f"deleted elastic group {group_key(n.TASK_STREAM, cg)}")
+    console.print(Text(f"deleted elastic group {group_key(n.TASK_STREAM, cg)}"))
     sys.stdout.flush()

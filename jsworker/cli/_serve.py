@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import os
 import signal
 import sys
 import time
-import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from types import FrameType, TracebackType
 from typing import Any
 
 import click
@@ -20,133 +18,119 @@ from rich.live import Live
 from rich.text import Text
 
 from .._worker import Worker
-from ._common import ConnOptions, console, err_console, pass_conn, run
+from ._connect import ConnOptions, pass_conn, run
+from ._importer import build_worker, check_target, import_from_string, needs_connection
+from ._output import console, err
+
+PLAIN_EVERY = 5.0  # seconds between status lines when stdout is not a terminal
+
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
-class ImportFromStringError(click.ClickException):
-    pass
+class ShutdownSignals:
+    """SIGINT/SIGTERM while a command runs: the first sets :attr:`stop`, the second
+    calls ``on_force`` and exits at once (status 130).
 
+    Installed only by the CLI, never by the library; the previous handlers are restored
+    on exit, so an embedding program (or a test's CliRunner) gets its own back."""
 
-def import_from_string(target: str) -> Any:
-    """``pkg.module:attr`` (attr may be dotted) -> the object.
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    A module that is missing gives a one-line error; an ImportError raised *inside* the
-    user's module is not hidden: its traceback is printed (uvicorn's behaviour)."""
-    module_name, sep, attrs = target.partition(":")
-    if not sep or not module_name or not attrs:
-        raise ImportFromStringError(
-            f"import string {target!r} must be in format '<module>:<attribute>', "
-            "e.g. myapp.tasks:worker"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name and not module_name.startswith(f"{e.name}."):
-            raise  # a nested import failed: show the real error
-        raise ImportFromStringError(
-            f"could not import module {module_name!r} (is it on the path? see --app-dir)"
-        ) from None
-    obj: Any = module
-    try:
-        for part in attrs.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise ImportFromStringError(
-            f"attribute {attrs!r} not found in module {module_name!r}"
-        ) from None
-    return obj
+    def __init__(self, on_force: Callable[[], None] | None = None) -> None:
+        self.stop = asyncio.Event()
+        self.hits = 0
+        self._on_force = on_force
+        self._previous: dict[int, _Handler] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
+    def __enter__(self) -> ShutdownSignals:
+        self._loop = asyncio.get_running_loop()
+        for s in self.SIGNALS:
+            self._previous[s] = signal.getsignal(s)
+            self._loop.add_signal_handler(s, self._on_signal, s)
+        return self
 
-async def build_worker(target: Any, nc: NATS) -> Worker:
-    """A Worker instance, or a factory ``(nc) -> Worker`` (sync or async)."""
-    if isinstance(target, Worker):
-        return target
-    if callable(target):
-        made = target(nc)
-        if inspect.isawaitable(made):
-            made = await made
-        if isinstance(made, Worker):
-            return made
-        raise click.ClickException(
-            f"the factory returned {type(made).__name__}, not a jsworker.Worker"
-        )
-    raise click.ClickException(
-        f"the target is a {type(target).__name__}; expected a jsworker.Worker or a factory "
-        "function taking the NATS connection and returning one"
-    )
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._loop is not None
+        for s, previous in self._previous.items():
+            self._loop.remove_signal_handler(s)
+            signal.signal(s, previous)
+
+    def _on_signal(self, signum: int) -> None:
+        self.hits += 1
+        if self.hits == 1:
+            err(
+                f"{signal.Signals(signum).name}: stopping, letting in-flight tasks finish "
+                "(send it again to force)",
+                style="yellow",
+            )
+            self.stop.set()
+            return
+        err("forced exit: in-flight tasks go back to the queue after their AckWait")
+        if self._on_force is not None:
+            self._on_force()
+        # os._exit: a graceful stop is hanging; unwinding could hang the same way
+        os._exit(130)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, returning early when a stop was requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
 
 
 def status_text(worker: Worker, started: float) -> Text:
+    """``● worker-… done 12  failed 1  dead 0  in flight 3  up 42s``"""
     s = worker.stats
     up = time.monotonic() - started
     t = Text()
     t.append("● ", style="green" if worker.running else "yellow")
     t.append(f"{worker.worker_id}  ", style="bold")
     t.append(f"done {s.completed}  ", style="green")
-    t.append(f"retried {s.failed}  ", style="yellow")
+    t.append(f"failed {s.failed}  ", style="yellow")
     t.append(f"dead {s.dead}  ", style="red")
     t.append(f"in flight {worker.in_flight}  ")
-    t.append(f"up {up:.0f}s  {s.completed / up if up > 0 else 0:.0f}/s", style="dim")
+    t.append(f"up {up:.0f}s", style="dim")
     return t
 
 
 async def serve_worker(
-    worker: Worker, *, grace: float | None, on_tick: Callable[[], Awaitable[None]] | None = None
+    worker: Worker,
+    *,
+    grace: float | None,
+    url: str,
+    signals: ShutdownSignals,
 ) -> None:
-    """Start ``worker``, show its status until SIGINT/SIGTERM, then stop gracefully.
-
-    Signal handlers are installed here (never by the library) and the previous ones
-    restored on the way out; a second signal forces the exit."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    hits = 0
-
-    def on_signal() -> None:
-        nonlocal hits
-        hits += 1
-        if hits == 1:
-            err_console.print(
-                "[yellow]stopping: finishing in-flight tasks (press Ctrl-C again to force)[/]"
-            )
-            stop.set()
-        else:
-            err_console.print("[red]forced exit[/]")
-            os._exit(130)
-
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in sigs}
-    for s in sigs:
-        loop.add_signal_handler(s, on_signal)
+    """Start ``worker``, show its status until ``signals`` asks to stop, then stop it
+    gracefully. (The caller installs ``signals`` before connecting, so a SIGTERM that
+    arrives while starting up is not lost either.)"""
+    await worker.start()
+    started = time.monotonic()
+    console.print(
+        Text.assemble(
+            ("serving ", "bold"),
+            ", ".join(worker.task_types),
+            f" on {url} as {worker.worker_id} (Ctrl-C stops)",
+        ),
+        soft_wrap=True,
+    )
     try:
-        await worker.start()
-        started = time.monotonic()
         if console.is_terminal:
-            with Live(
-                status_text(worker, started), console=console, refresh_per_second=4, transient=False
-            ) as live:
-                while not stop.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 0.25)
+            with Live(status_text(worker, started), console=console, refresh_per_second=4) as live:
+                while not signals.stop.is_set():
+                    await signals.sleep(0.25)
                     live.update(status_text(worker, started))
-                    if on_tick is not None:
-                        await on_tick()
         else:
-            console.print(f"worker {worker.worker_id} serving {', '.join(worker.task_types)}")
-            last = 0.0
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.25)
-                if on_tick is not None:
-                    await on_tick()
-                if time.monotonic() - last >= 5:
+            last = time.monotonic()
+            while not signals.stop.is_set():
+                await signals.sleep(0.25)
+                if time.monotonic() - last >= PLAIN_EVERY:
                     last = time.monotonic()
-                    console.print(status_text(worker, started))
-        await worker.stop(grace)
-        console.print(status_text(worker, started))
+                    console.print(status_text(worker, started), soft_wrap=True)
     finally:
-        for s in sigs:
-            loop.remove_signal_handler(s)
-            signal.signal(s, previous[s])
+        await worker.stop(grace)
+    console.print(status_text(worker, started), soft_wrap=True)
 
 
 @click.command("serve")
@@ -154,52 +138,68 @@ async def serve_worker(
 @click.option(
     "--app-dir",
     default=".",
-    show_default=True,
-    help="Directory added to sys.path before importing TARGET.",
+    type=click.Path(file_okay=False),
+    help="Directory put first on sys.path before importing TARGET.",
 )
 @click.option(
     "--grace",
-    type=float,
+    type=click.FloatRange(0),
     default=None,
-    help="Seconds in-flight tasks get on stop (default: the worker's grace_period).",
+    help="Seconds in-flight tasks get to finish on stop  [default: the Worker's grace_period]",
 )
 @pass_conn
 def serve(conn: ConnOptions, target: str, app_dir: str, grace: float | None) -> None:
-    """Run the worker TARGET (``module:attr``) until Ctrl-C / SIGTERM.
+    """Run the worker TARGET (module:attr) until Ctrl-C or SIGTERM.
 
-    TARGET is a factory taking the NATS connection and returning a jsworker.Worker
-    (preferred: the CLI owns the connection), sync or async, or a Worker instance.
-    The first Ctrl-C stops gracefully; a second forces the exit.
+    TARGET names, in an importable module (attr may be dotted):
+
+    \b
+    * a factory (preferred): a function, sync or async, taking the NATS
+      client the CLI connected (--url, --creds, ...) and returning a Worker;
+    * a jsworker.Worker instance: the module builds it on a client of its
+      own, not connected yet (nats.aio.client.Client()); the CLI connects
+      that client with its options.
+
+    Shows done / failed / dead / in-flight counts (a plain line every 5 s when
+    stdout is not a terminal). The first Ctrl-C or SIGTERM stops fetching and
+    lets in-flight tasks finish within --grace; a second one exits at once.
 
     \b
     Examples:
-      # myapp/tasks.py
+      # myapp/tasks.py (factory)
       #   import jsworker
       #   def make_worker(nc):
       #       w = jsworker.Worker(nc)
       #       @w.handle("send-email")
       #       async def send_email(ctx):
-      #           return {"sent": True}
+      #           return {"sent": ctx.json()["to"]}
       #       return w
       jsworker serve myapp.tasks:make_worker
       NATS_URL=nats://nats:4222 jsworker serve myapp.tasks:make_worker --grace 30
+      jsworker serve tasks:make_worker --app-dir src
+    \b
+      # myapp/instance.py (instance on the module's own client)
+      #   import jsworker
+      #   from nats.aio.client import Client
+      #   worker = jsworker.Worker(Client())
+      #   worker.handle("ping", lambda ctx: "pong")
+      jsworker serve myapp.instance:worker
     """
     sys.path.insert(0, os.path.abspath(app_dir))
-    try:
-        target_obj = import_from_string(target)
-    except ImportFromStringError:
-        raise
-    except Exception:
-        err_console.print(f"[red]error while importing {target!r}:[/]")
-        traceback.print_exc()
-        sys.exit(1)
+    obj = import_from_string(target)
+    check_target(obj)
 
     async def main() -> None:
-        nc = await conn.connect(reconnect=True, name="jsworker-serve")
-        try:
-            worker = await build_worker(target_obj, nc)
-            await serve_worker(worker, grace=grace)
-        finally:
-            await nc.close()
+        with ShutdownSignals() as signals:
+            nc: NATS | None = None
+            if needs_connection(obj):
+                nc = await conn.connect(long_running=True, name="jsworker-serve")
+            worker: Worker | None = None
+            try:
+                worker = await build_worker(obj, nc, conn)
+                await serve_worker(worker, grace=grace, url=conn.url, signals=signals)
+            finally:
+                for client in {c for c in (nc, worker.nc if worker else None) if c is not None}:
+                    await client.close()
 
     run(main())

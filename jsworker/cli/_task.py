@@ -1,4 +1,4 @@
-"""``jsworker task ...``: submit, follow, watch and cancel tasks."""
+"""``jsworker task ...``: submit tasks and follow them."""
 
 from __future__ import annotations
 
@@ -11,42 +11,43 @@ from typing import Any
 import click
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from rich.markup import escape
+from rich.text import Text
 
 from .. import _names as n
+from .. import _wire as w
 from .._client import Client
 from .._errors import TaskFailed, TaskTimeout
-from .._wire import TERMINAL_KINDS
-from ._common import (
-    ConnOptions,
-    console,
-    err_console,
-    parse_metadata,
-    pass_conn,
-    print_json,
-    read_json_arg,
-    run,
-    with_nc,
-)
+from .._services import CHUNK_SEQ
+from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
+from ._input import parse_metadata, read_json_arg
+from ._output import compact, console, err, event_text, print_json
 
 
 @click.group("task")
 def task_group() -> None:
-    """Submit and follow tasks."""
+    """Submit tasks and follow them.
+
+    \b
+    Examples:
+      jsworker task submit send-email '{"to": "a@b.c"}' --wait
+      jsworker task events run-1a2b3c --follow
+    """
 
 
 @task_group.command("submit")
 @click.argument("task_type")
 @click.argument("input", required=False)
-@click.option("--group", default=None, help="Worker group (subject task.TYPE.GROUP.RUN).")
-@click.option("--run-id", default=None, help="Run id (default: a new one). Same id = deduplicated.")
+@click.option("--group", help="Worker group: subject task.TYPE.GROUP.RUN_ID.")
 @click.option(
-    "--key", default=None, help="Partition key for partitioned handlers (default: run id)."
+    "--run-id", help="Run id  [default: a new one; the same run id twice is deduplicated]"
 )
-@click.option("--metadata", "-m", multiple=True, help="key=value, repeatable.")
+@click.option("--key", help="Partition key for partitioned handlers  [default: the run id]")
+@click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
 @click.option("--wait", is_flag=True, help="Wait for the outcome; exit 1 if the task failed.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="With --wait.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--timeout", type=click.FloatRange(0.1), default=60.0, help="Seconds --wait waits at most."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @pass_conn
 def submit(
     conn: ConnOptions,
@@ -60,14 +61,26 @@ def submit(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Submit a task of TASK_TYPE with INPUT (JSON text, - for stdin, @file).
+    """Submit a task of TASK_TYPE with INPUT: JSON text, - for stdin, or
+    @file (default null).
+
+    Prints the run id. With --wait, prints the output when the task completes,
+    and exits 1 with the error when it fails for good (permanent failure,
+    retries exhausted, cancelled) or when --timeout passes first.
 
     \b
     Examples:
       jsworker task submit send-email '{"to": "a@b.c"}'
       jsworker task submit resize-image @job.json --group gpu --wait
       echo '{"n": 3}' | jsworker task submit fib - --wait --json
+      jsworker task submit charge-card '{"amount": 5}' --run-id order-42 -m tenant=acme
     """
+    with library_errors():
+        n.validate_task_type(task_type)
+        if group is not None:
+            n.validate_group(group)
+        if run_id is not None:
+            n.validate_token(run_id, "run id")
     value = read_json_arg(input)
     meta = parse_metadata(metadata)
 
@@ -97,32 +110,36 @@ def submit(
     if as_json:
         print_json(out)
     else:
-        dup = " [yellow](duplicate: already submitted)[/]" if out["duplicate"] else ""
-        console.print(f"submitted [bold]{task_type}[/] run [cyan]{out['run_id']}[/]{dup}")
-        if wait:
-            if out["status"] == "completed":
-                console.print(f"[green]completed[/]: {escape(json.dumps(out['output']))}")
-            else:
-                err_console.print(
-                    f"[red]{out['status']}[/] ({out.get('kind', '')}): {escape(str(out['error']))}"
-                )
+        line = Text(f"submitted {task_type} run ")
+        line.append(out["run_id"], style="bold cyan")
+        if out["duplicate"]:
+            line.append(" (duplicate: this run and step were already submitted)", style="yellow")
+        console.print(line, soft_wrap=True)
+        if wait and out["status"] == "completed":
+            console.print(Text.assemble(("completed: ", "green"), compact(out["output"])))
     if wait and out["status"] != "completed":
+        kind = f" ({out['kind']})" if "kind" in out else ""
+        err(f"Error: task {out['status']}{kind}: {out['error']}")
         sys.exit(1)
 
 
 @task_group.command("events")
 @click.argument("run_id")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events until Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
 @pass_conn
 def events(conn: ConnOptions, run_id: str, follow: bool, as_json: bool) -> None:
-    """Print the lifecycle events of RUN_ID (stream WORKFLOW_HISTORY).
+    """Print the lifecycle events of RUN_ID (stream WORKFLOW_HISTORY):
+    step.started, step.completed, step.failed, step.continue, step.cancelled.
 
     \b
     Examples:
       jsworker task events run-1a2b3c
-      jsworker task events run-1a2b3c --follow --json | jq .type
+      jsworker task events run-1a2b3c --follow
+      jsworker task events run-1a2b3c --json | jq -r .type
     """
+    with library_errors():
+        n.validate_token(run_id, "run id")
 
     async def go(nc: NATS) -> int:
         count = 0
@@ -131,85 +148,75 @@ def events(conn: ConnOptions, run_id: str, follow: bool, as_json: bool) -> None:
             if as_json:
                 click.echo(json.dumps(ev))
             else:
-                console.print(_event_line(ev))
+                console.print(event_text(ev), soft_wrap=True)
         return count
 
     if run(with_nc(conn, go)) == 0 and not as_json:
-        err_console.print(f"no events for run {run_id}")
-
-
-def _event_line(ev: dict[str, Any]) -> str:
-    p = ev.get("payload") or {}
-    et = ev.get("type", "?")
-    style = {"step.completed": "green", "step.failed": "red", "step.cancelled": "yellow"}.get(
-        et, "default"
-    )
-    detail = ""
-    if "output" in p:
-        detail = json.dumps(p["output"])
-    if p.get("error"):
-        detail = f"{p.get('kind', '')}: {p['error']}"
-    if p.get("reason"):
-        detail = p["reason"]
-    return (
-        f"{ev.get('timestamp', '')}  [{style}]{et:15}[/] {escape(str(ev.get('step_id', '')))} "
-        f"attempt {ev.get('attempt_number', '')}  {escape(str(detail))}"
-    )
+        err(f"no events for run {run_id}", style="yellow")
 
 
 @task_group.command("watch")
 @click.argument("run_id")
-@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--timeout", type=click.FloatRange(0.1), help="Give up after this many seconds.")
 @pass_conn
 def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
-    """Print RUN_ID's partial results (``stream.RUN.*``) live, then its outcome.
+    """Print RUN_ID's partial results (ctx.stream) live, with its events,
+    until a step completes (exit 0) or fails for good / is cancelled (exit 1).
 
-    Exits 0 when the run's step completes, 1 when it fails or is cancelled.
+    Partial results are not persisted: start watching before they are sent.
 
     \b
     Examples:
       jsworker task watch run-1a2b3c
+      jsworker task watch run-1a2b3c --timeout 60
     """
-    n.validate_token(run_id, "run id")
+    with library_errors():
+        n.validate_token(run_id, "run id")
 
     async def go(nc: NATS) -> bool:
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[Msg | dict[str, Any] | BaseException] = asyncio.Queue()
 
         async def on_chunk(msg: Msg) -> None:
-            await queue.put(("chunk", msg))
+            queue.put_nowait(msg)
 
         sub = await nc.subscribe(f"stream.{run_id}.>", cb=on_chunk)
 
         async def follow() -> None:
-            async for ev in Client(nc).run_events(run_id):
-                await queue.put(("event", ev))
+            try:
+                async for ev in Client(nc).run_events(run_id):
+                    queue.put_nowait(ev)
+            except Exception as e:  # handed to the main loop, which raises it
+                queue.put_nowait(e)
 
         follower = asyncio.create_task(follow())
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    kind, item = await queue.get()
-                    if kind == "chunk":
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, Msg):
                         step = item.subject.split(".", 2)[2]
-                        seq = (item.headers or {}).get("Jsw-Seq", "")
-                        text = escape(item.data.decode(errors="replace"))
-                        console.print(f"[dim]{escape(step)} #{seq}[/] {text}")
+                        seq = (item.headers or {}).get(CHUNK_SEQ, "")
+                        line = Text(f"{step} #{seq} ", style="dim")
+                        line.append(item.data.decode(errors="replace"), style="")
+                        console.print(line, soft_wrap=True)
                         continue
-                    console.print(_event_line(item))
-                    p = item.get("payload") or {}
-                    if item["type"] == "step.completed":
+                    console.print(event_text(item), soft_wrap=True)
+                    et = item.get("type")
+                    kind = (item.get("payload") or {}).get("kind")
+                    if et == w.STEP_COMPLETED:
                         return True
-                    if item["type"] == "step.cancelled" or (
-                        item["type"] == "step.failed"
-                        and p.get("kind") in TERMINAL_KINDS | {"max_iterations"}
+                    if et == w.STEP_CANCELLED or (
+                        et == w.STEP_FAILED and kind in w.TERMINAL_KINDS | {"max_iterations"}
                     ):
                         return False
         except TimeoutError:
-            err_console.print(f"[yellow]no outcome within {timeout}s[/]")
+            err(f"no outcome within {timeout:g}s", style="yellow")
             return False
         finally:
             follower.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(asyncio.CancelledError):
                 await follower
             await sub.unsubscribe()
 
@@ -219,18 +226,22 @@ def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
 
 @task_group.command("cancel")
 @click.argument("run_id")
-@click.option("--reason", default="cancelled from the CLI", show_default=True)
+@click.option("--reason", default="cancelled from the CLI", help="Recorded in step.cancelled.")
 @pass_conn
 def cancel(conn: ConnOptions, run_id: str, reason: str) -> None:
-    """Cancel RUN_ID: queued tasks never start, running ones are asked to stop.
+    """Cancel RUN_ID: its queued tasks never start, running ones are asked to
+    stop (needs the signals bucket).
 
     \b
     Examples:
+      jsworker task cancel run-1a2b3c
       jsworker task cancel run-1a2b3c --reason "customer asked"
     """
+    with library_errors():
+        n.validate_token(run_id, "run id")
 
     async def go(nc: NATS) -> None:
         await Client(nc).cancel(run_id, reason)
 
     run(with_nc(conn, go))
-    console.print(f"cancel requested for run [cyan]{run_id}[/]")
+    console.print(Text(f"cancel requested for run {run_id}"))
