@@ -263,8 +263,7 @@ class Client:
             return await self.js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
         except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             raise NotProvisionedError(
-                f"no stream captures {subject}: run `jsworker kv setup` to create "
-                f"{n.TASK_STREAM}"
+                f"no stream captures {subject}: run `jsworker kv setup` to create {n.TASK_STREAM}"
             ) from None
         except nats.errors.TimeoutError:
             raise ServerError(f"publishing {subject} timed out") from None
