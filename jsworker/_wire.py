@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from ._errors import PayloadError
 
 JSON = Any
@@ -26,11 +28,21 @@ INVALID_PAYLOAD = "invalid_payload"
 TERMINAL_KINDS = frozenset({NON_RETRIABLE, EXHAUSTED, INVALID_PAYLOAD})
 
 _SCALARS = frozenset({str, int, float, bool})
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_std_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def dumps(value: JSON) -> bytes:
-    return _dumps(value).encode()
+    """Compact JSON. orjson on the hot path (events and payloads are encoded for every
+    task); the standard library for what orjson refuses (ints over 64 bits, non-string
+    keys), so the same values are accepted either way."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return _std_dumps(value).encode()
+
+
+def loads(data: bytes | str) -> JSON:
+    return orjson.loads(data)
 
 
 def to_json_value(value: object, what: str) -> JSON:
@@ -42,11 +54,11 @@ def to_json_value(value: object, what: str) -> JSON:
         if not raw:
             return None
         try:
-            return json.loads(raw)
+            return loads(raw)
         except ValueError as e:
             raise PayloadError(f"{what} bytes are not valid JSON: {e}") from None
     try:
-        _dumps(value)
+        dumps(value)
     except (TypeError, ValueError) as e:
         raise PayloadError(f"{what} is not JSON-serialisable: {e}") from None
     return value
@@ -89,7 +101,7 @@ class TaskPayload:
     def decode(cls, data: bytes) -> TaskPayload:
         """Parse a task body; raise :class:`PayloadError` saying what is wrong."""
         try:
-            obj = json.loads(data)
+            obj = loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise PayloadError(f"task payload is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
