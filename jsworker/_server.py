@@ -11,11 +11,13 @@ fixtures, through ``start_sync()`` / ``stop_sync()``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
@@ -170,7 +172,8 @@ class EmbeddedServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True,  # a Ctrl-C in a terminal goes to us, not the server
+            preexec_fn=_die_with_parent,
         )
 
     def _config_text(self) -> str:
@@ -358,6 +361,21 @@ class EmbeddedCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies, so a killed
+    test run or CLI never leaves an embedded server behind. No-op elsewhere.
+
+    (The kernel ties this to the *thread* that started the server: start it from a
+    thread that lives as long as you need the server, not from a short-lived one.)"""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _q(s: str) -> str:
