@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test lint typecheck check bench demo clean
+.PHONY: install test lint typecheck check bench bench-throughput bench-partitions demo clean
 
 install:  ## install jsworker with its dev tools (editable)
 	$(PIP) install -q -e '.[dev]'
@@ -18,8 +18,14 @@ typecheck:
 
 check: lint typecheck test
 
-bench:  ## throughput: jsworker vs raw nats-py on one embedded server
+bench:  ## the whole suite: jsworker vs raw nats-py, taskiq, FastStream on one server
+	$(PYTHON) bench/suite.py
+
+bench-throughput:  ## drain throughput, jsworker vs raw nats-py, in one process
 	$(PYTHON) bench/throughput.py
+
+bench-partitions:  ## rebalance and singleton failover times, partitioned throughput
+	$(PYTHON) bench/partitions.py
 
 demo:
 	jsworker dev --demo
