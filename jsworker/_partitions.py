@@ -407,7 +407,7 @@ class ElasticMember:
         if not candidates:
             return set()
         alive = await live_workers(self.worker, self.worker.liveness)
-        dead = candidates - alive
+        dead = {m for m in candidates - alive if not await self._consumer_active(m)}
         if not dead:
             return set()
         log.info("removing dead members %s from %s", sorted(dead), self.key)
@@ -415,6 +415,29 @@ class ElasticMember:
         for m in dead:
             await self._delete_consumer(m)
         return dead
+
+    async def _consumer_active(self, member: str) -> bool:
+        """A second opinion before removing a member whose directory entry is stale: its
+        consumer still has pull requests waiting, or delivered or was acked within the
+        liveness window. A busy or briefly stalled worker keeps its partitions; deleting
+        the consumer of a live member could let two members run one key at once. A dead
+        member's pull requests expire within a pull expiry (at most half its AckWait)."""
+        info = await self._api(f"CONSUMER.INFO.{self.stream}.{member}", None)
+        if info.get("error"):
+            return False  # no consumer: nothing to fence
+        if info.get("num_waiting"):
+            return True
+        now = time.time()
+        for part in ("delivered", "ack_floor"):
+            stamp = (info.get(part) or {}).get("last_active")
+            if stamp:
+                try:
+                    when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+                except ValueError:
+                    continue
+                if now - when <= self.worker.liveness:
+                    return True
+        return False
 
     # ------------------------------------------------------------ stopping
     async def leave(self) -> None:

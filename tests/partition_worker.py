@@ -25,7 +25,7 @@ async def main(log: TextIO) -> None:
     work = float(os.environ.get("JSW_TEST_WORK", "0.002"))
     nc = await nats.connect(os.environ["NATS_URL"])
     worker = jsworker.Worker(
-        nc, partitions=max(partitions, 0), heartbeat_interval=0.5, ack_wait=2.0, grace_period=5
+        nc, partitions=max(partitions, 0), heartbeat_interval=1.0, ack_wait=2.0, grace_period=5
     )
 
     async def handler(ctx: jsworker.TaskContext) -> object:
