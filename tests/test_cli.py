@@ -563,3 +563,34 @@ async def test_serve_second_signal_forces_exit(
             await proc.wait()
     assert proc.returncode == 130
     assert "stopping" in err.decode() and "forced exit" in err.decode()
+
+
+async def test_partitions_unpin(
+    nc: NATS, server_env: dict[str, str], unique: Callable[[str], str]
+) -> None:
+    ttype = unique("unpin")
+    w = jsworker.Worker(nc, partitions=2, heartbeat_interval=1.0, ack_wait=2.0)
+    w.handle(ttype, lambda ctx: None)
+    async with w:
+        await (await jsworker.Client(nc).submit(ttype)).result(timeout=20)
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "jsworker.cli", "partitions", "unpin", ttype, w.worker_id],
+            capture_output=True,
+            text=True,
+            env=server_env,
+            check=False,
+        )
+        assert p.returncode == 0, p.stderr
+        assert f"unpinned {w.worker_id}" in p.stdout
+        # the worker re-pins on its next pull and keeps working
+        await (await jsworker.Client(nc).submit(ttype)).result(timeout=20)
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "jsworker.cli", "partitions", "unpin", ttype, "worker-nope"],
+            capture_output=True,
+            text=True,
+            env=server_env,
+            check=False,
+        )
+        assert p.returncode == 1 and "unpin refused" in p.stderr

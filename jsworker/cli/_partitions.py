@@ -20,6 +20,7 @@ from .. import _names as n
 from .._errors import NotProvisionedError
 from .._partitions import cas_update
 from .._pcg_config import (
+    PRIORITY_GROUP,
     ElasticConfig,
     MemberMapping,
     PartitionConfigError,
@@ -403,3 +404,35 @@ def delete(conn: ConnOptions, task_type: str, group: str | None, force: bool) ->
     run(with_nc(conn, go))
     console.print(Text(f"deleted elastic group {group_key(n.TASK_STREAM, cg)}"))
     sys.stdout.flush()
+
+
+@partitions_group.command("unpin")
+@click.argument("task_type")
+@click.argument("member")
+@click.option("--group", default=None)
+@pass_conn
+def unpin(conn: ConnOptions, task_type: str, member: str, group: str | None) -> None:
+    """Unpin MEMBER's consumer (priority group PCG): the client instance pinned to it
+    steps down and the next instance that pulls takes over (orbit.go's step-down).
+
+    \b
+    Examples:
+      jsworker partitions unpin resize-image worker-0123456789abcdef
+    """
+    cg = _cg(task_type, group)
+    n.validate_token(member, "member name")
+    stream = group_stream(n.TASK_STREAM, cg)
+
+    async def go(nc: NATS) -> dict[str, Any]:
+        resp = await nc.request(
+            f"$JS.API.CONSUMER.UNPIN.{stream}.{member}",
+            json.dumps({"group": PRIORITY_GROUP}).encode(),
+            timeout=5,
+        )
+        out: dict[str, Any] = json.loads(resp.data)
+        return out
+
+    resp = run(with_nc(conn, go))
+    if resp.get("error"):
+        raise CLIError(f"unpin refused: {resp['error'].get('description')}")
+    console.print(Text(f"unpinned {member} on {stream}"))
