@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 
 from . import _names as n
 from ._errors import NotProvisionedError
+from ._services import kv_snapshot
 from ._version import __version__
 from ._wire import dumps, now_rfc3339
 
@@ -101,17 +102,8 @@ async def list_workers(nc: NATS) -> list[dict[str, Any]]:
         raise NotProvisionedError(
             f"KV bucket {n.WORKERS_BUCKET!r} does not exist: run `jsworker kv setup`"
         ) from None
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
     out = []
-    for k in sorted(keys):
-        try:
-            e = await kv.get(k)
-        except nats.js.errors.KeyNotFoundError:
-            continue
-        if e.value:
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(e.value))
+    for raw in (await kv_snapshot(kv)).values():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(raw))
     return out

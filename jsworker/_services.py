@@ -152,21 +152,25 @@ class Services:
         return await kv.put(n.signal_key(run_id, CANCEL_SIGNAL), dumps(body))
 
 
-async def kv_snapshot(kv: KeyValue, pattern: str = ">", timeout: float = 5.0) -> dict[str, bytes]:
-    """Current values of the keys matching ``pattern`` (a server-side filter; nats-py's
-    ``keys(filters=...)`` matches substrings client-side)."""
-    watcher = await kv.watch(pattern, ignore_deletes=True)
+async def kv_snapshot(kv: KeyValue, pattern: str = ">") -> dict[str, bytes]:
+    """Current values of the keys matching ``pattern``.
+
+    Keys come from the bucket stream's subject list (a server-side filter) and values
+    from ``get``; deleted keys are skipped. Not nats-py's ``keys()``/watch: its "no more
+    values" marker can come before values already in flight, so it sometimes answers
+    with an empty list for a bucket that has keys (seen in a fresh CI run)."""
+    bucket = kv._name  # nats-py keeps the bucket name only here
+    info = await kv._js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{pattern}")
+    prefix = f"$KV.{bucket}."
     out: dict[str, bytes] = {}
-    try:
-        while True:
-            entry = await watcher.updates(timeout=timeout)  # type: ignore[no-untyped-call]
-            if entry is None:
-                return out
-            out[entry.key] = entry.value or b""
-            if entry.delta == 0:
-                return out
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+    for subject in sorted(info.state.subjects or {}):
+        key = subject[len(prefix) :]
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # deleted or purged (KeyDeletedError too)
+            continue
+        out[key] = entry.value or b""
+    return out
 
 
 async def _try_bucket(js: Any, bucket: str) -> KeyValue | None:
