@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from nats.js.kv import KeyValue
 
+from ._aio import cancel_and_wait
 from ._services import CANCEL_SIGNAL, KV_DEL_OPS
 
 log = logging.getLogger("jsworker.cancel")
@@ -78,11 +79,8 @@ class CancelWatcher:
                 log.exception("cancel callback failed")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()  # type: ignore[no-untyped-call]

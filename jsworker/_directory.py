@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from . import _names as n
+from ._aio import cancel_and_wait
 from ._errors import NotProvisionedError
 from ._services import kv_snapshot
 from ._version import __version__
@@ -84,11 +85,8 @@ class Directory:
                 log.warning("directory refresh failed: %s", e)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self.kv is not None:
             with contextlib.suppress(Exception):
                 await self.kv.delete(self.worker_id)

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _names as n
+from ._aio import cancel_and_wait
 from ._duration import Duration, seconds
 from ._errors import ConfigError, ConsumerConflictError, NotProvisionedError, ServerError
 from ._pull import PullLoop, Slots
@@ -232,8 +233,5 @@ class HandlerRuntime:
 
     async def stop(self) -> None:
         await self.stop_pulling()
-        if self._hb_task is not None:
-            self._hb_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._hb_task
-            self._hb_task = None
+        await cancel_and_wait(self._hb_task)
+        self._hb_task = None

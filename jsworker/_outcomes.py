@@ -236,7 +236,12 @@ class OutcomeRecorder:
         etype: str,
         suffix: int | str | None,
         body: dict[str, Any],
+        *,
+        wait: bool = True,
     ) -> None:
+        """Publish a lifecycle event on ``history.{run_id}`` with its dedup id. With
+        ``wait=False`` (``step.started``) it is a core publish: stored and deduplicated
+        by the stream, but nobody waits for the server's acknowledgement."""
         data = w.encode_event(
             etype,
             run_id=info.run_id,
@@ -247,34 +252,9 @@ class OutcomeRecorder:
             trace_parent=payload.traceparent,
             trace_state=payload.tracestate,
         )
-        await self.js.publish(
-            n.history_subject(info.run_id),
-            data,
-            headers={"Nats-Msg-Id": w.event_msg_id(info.run_id, info.step_id, etype, suffix)},
-        )
-
-    async def event_nowait(
-        self,
-        info: TaskInfo,
-        payload: w.TaskPayload,
-        etype: str,
-        suffix: int | str | None,
-        body: dict[str, Any],
-    ) -> None:
-        """Fire-and-forget event (``step.started``): stored by the stream, deduplicated,
-        but the handler does not wait for the server's acknowledgement."""
-        data = w.encode_event(
-            etype,
-            run_id=info.run_id,
-            step_id=info.step_id,
-            payload=body,
-            worker_id=self.worker.worker_id,
-            attempt=info.attempt,
-            trace_parent=payload.traceparent,
-            trace_state=payload.tracestate,
-        )
-        await self.nc.publish(
-            n.history_subject(info.run_id),
-            data,
-            headers={"Nats-Msg-Id": w.event_msg_id(info.run_id, info.step_id, etype, suffix)},
-        )
+        subject = n.history_subject(info.run_id)
+        headers = {"Nats-Msg-Id": w.event_msg_id(info.run_id, info.step_id, etype, suffix)}
+        if wait:
+            await self.js.publish(subject, data, headers=headers)
+        else:
+            await self.nc.publish(subject, data, headers=headers)

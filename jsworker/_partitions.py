@@ -45,6 +45,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig, StreamSour
 from nats.js.kv import KeyValue
 
 from . import _names as n
+from ._aio import cancel_and_wait
 from ._errors import NotProvisionedError, ServerError
 from ._handler import HandlerRuntime, HandlerSpec
 from ._pcg_config import (
@@ -453,11 +454,7 @@ class ElasticMember:
         self.rt.nak_waiting(self)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*(cancel_and_wait(t) for t in self._tasks))
         self._tasks = []
         if self.loop is not None:
             await self._drop_consumer(grace=0)

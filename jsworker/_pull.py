@@ -27,6 +27,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from ._aio import cancel_and_wait
+
 log = logging.getLogger("jsworker.pull")
 
 STATUS = "Status"
@@ -246,10 +248,7 @@ class PullLoop:
         """Stop pulling. Outstanding requests are dropped with the inbox subscription;
         anything that still arrives before that is nak'ed."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

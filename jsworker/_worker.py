@@ -400,7 +400,7 @@ class Worker:
             )
             return
         self.stats.started += 1
-        await self.recorder.event_nowait(
+        await self.recorder.event(
             info,
             payload,
             w.STEP_STARTED,
@@ -411,6 +411,7 @@ class Worker:
                 "iteration": payload.iteration,
                 "group": info.group,
             },
+            wait=False,
         )
         assert self._loop is not None
         ctx = TaskContext(info, payload, msg, self.services, self._loop)
