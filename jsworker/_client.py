@@ -46,6 +46,10 @@ class TaskRequest:
     key: str | None = None
 
 
+#: seconds without any event after which ``wait_outcome`` subscribes afresh
+OUTCOME_RESUBSCRIBE = 5.0
+
+
 class TaskHandle:
     """A submitted task. ``duplicate`` is True when the server had already seen its id."""
 
@@ -342,18 +346,18 @@ class Client:
         """The terminal event of a step (``step.completed``), or raise ``TaskFailed``."""
 
         async def _wait() -> dict[str, Any]:
-            async for ev in self.run_events(run_id):
-                if ev.get("step_id") != step_id:
-                    continue
-                et = ev.get("type")
-                p = ev.get("payload") or {}
-                if et == w.STEP_COMPLETED:
-                    return ev
-                if et == w.STEP_FAILED and p.get("kind") in w.TERMINAL_KINDS | {"max_iterations"}:
-                    raise TaskFailed(str(p.get("error", "")), str(p.get("kind")), ev)
-                if et == w.STEP_CANCELLED:
-                    raise TaskFailed(str(p.get("reason", "cancelled")), "cancelled", ev)
-            raise TaskTimeout("event stream ended")  # pragma: no cover
+            # Re-read the history after every quiet spell: the ephemeral consumer behind
+            # the subscription can be lost with a cluster node, and would then stay
+            # silent for good. Re-reading from the start is cheap (one run's events).
+            while True:
+                try:
+                    async for ev in self.run_events(run_id, timeout=OUTCOME_RESUBSCRIBE):
+                        found = _outcome_of(ev, step_id)
+                        if found is not None:
+                            return found
+                except nats.errors.Error:
+                    # reconnecting or a JetStream API hiccup during failover: try again
+                    await asyncio.sleep(0.5)
 
         try:
             return await asyncio.wait_for(_wait(), timeout)
@@ -366,3 +370,19 @@ class Client:
     async def send_signal(self, run_id: str, name: str, data: object = None) -> int:
         """Send signal ``name`` to run ``run_id`` (KV ``signals``)."""
         return await self.services.send_signal(run_id, name, data)
+
+
+def _outcome_of(ev: dict[str, Any], step_id: str) -> dict[str, Any] | None:
+    """``ev`` if it is the step's success; raise ``TaskFailed`` if it ends the step
+    otherwise; ``None`` for any other event."""
+    if ev.get("step_id") != step_id:
+        return None
+    et = ev.get("type")
+    p = ev.get("payload") or {}
+    if et == w.STEP_COMPLETED:
+        return ev
+    if et == w.STEP_FAILED and p.get("kind") in w.TERMINAL_KINDS | {"max_iterations"}:
+        raise TaskFailed(str(p.get("error", "")), str(p.get("kind")), ev)
+    if et == w.STEP_CANCELLED:
+        raise TaskFailed(str(p.get("reason", "cancelled")), "cancelled", ev)
+    return None
