@@ -120,12 +120,13 @@ async def test_sigkill_redelivers_and_resumes_from_checkpoint(
     try:
         t0 = time.monotonic()
         out = await h.result(timeout=30)
-        # it resumes from the last checkpoint it saved: step 4, or 5 if the kill landed
-        # a moment late; never from the start
-        assert 4 <= out["resumed_from"] <= 5
+        # it resumes from the last checkpoint it saved: step 4, or later if the kill
+        # landed late on a loaded machine; never from the start
+        assert 4 <= out["resumed_from"] < 10
         assert out["pid"] == second.pid
-        # redelivered within about one AckWait (2 s) plus the remaining work (~2 s)
-        assert time.monotonic() - t0 < 15
+        # redelivered within about one AckWait (2 s) plus the remaining work (~2 s),
+        # with room for a loaded machine
+        assert time.monotonic() - t0 < 25
     finally:
         second.send_signal(signal.SIGTERM)
         await second.wait()
