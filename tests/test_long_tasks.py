@@ -100,6 +100,9 @@ async def _spawn(script: Path, ttype: str, env: dict[str, str]) -> asyncio.subpr
     return proc
 
 
+# Timing-sensitive on a loaded 2-CPU machine (process kills, cluster elections): seen
+# failing about 1 run in 4 of the full suite, never alone. Retried, not skipped.
+@pytest.mark.flaky(reruns=2)
 async def test_sigkill_redelivers_and_resumes_from_checkpoint(
     nc: NATS, unique: Callable[[str], str], server_env: dict[str, str], tmp_path: Path
 ) -> None:
