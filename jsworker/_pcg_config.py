@@ -100,30 +100,16 @@ class ElasticConfig:
             raise PartitionConfigError(f"elastic consumer group config is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise PartitionConfigError("elastic consumer group config must be a JSON object")
-        pfs_raw = _list(obj.get("partitioning_filters"), "partitioning_filters")
-        pfs = (
-            None
-            if pfs_raw is None
-            else tuple(
-                PartitioningFilter(
-                    _str(_obj(p, "partitioning filter").get("filter", ""), "filter"),
-                    _int_list(p.get("partitioning_wildcards"), "partitioning_wildcards"),
-                )
-                for p in pfs_raw
-            )
+        # both nested lists are objects of one string and one list of ints
+        pfs_raw = _str_ints(
+            obj.get("partitioning_filters"),
+            "partitioning_filters",
+            "filter",
+            "partitioning_wildcards",
         )
-        mms_raw = _list(obj.get("member_mappings"), "member_mappings")
-        mms = (
-            None
-            if mms_raw is None
-            else tuple(
-                MemberMapping(
-                    _str(_obj(m, "member mapping").get("member", ""), "member"),
-                    _int_list(m.get("partitions"), "partitions"),
-                )
-                for m in mms_raw
-            )
-        )
+        pfs = None if pfs_raw is None else tuple(PartitioningFilter(*x) for x in pfs_raw)
+        mms_raw = _str_ints(obj.get("member_mappings"), "member_mappings", "member", "partitions")
+        mms = None if mms_raw is None else tuple(MemberMapping(*x) for x in mms_raw)
         members_raw = _list(obj.get("members"), "members")
         members = None if members_raw is None else tuple(_str(m, "member") for m in members_raw)
         return cls(
@@ -200,6 +186,20 @@ def _obj(v: Any, what: str) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise _bad(what, v, "an object")
     return v
+
+
+def _str_ints(
+    v: Any, what: str, str_key: str, ints_key: str
+) -> list[tuple[str, tuple[int, ...] | None]] | None:
+    """A list of ``{str_key: string, ints_key: [int, ...]}`` objects, Go-strictly."""
+    items = _list(v, what)
+    if items is None:
+        return None
+    out = []
+    for item in items:
+        o = _obj(item, what)
+        out.append((_str(o.get(str_key, ""), str_key), _int_list(o.get(ints_key), ints_key)))
+    return out
 
 
 def _int_list(v: Any, what: str) -> tuple[int, ...] | None:
