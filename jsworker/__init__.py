@@ -27,9 +27,10 @@ from ._provision import ProvisionResult, setup_all, setup_kv_buckets, setup_stre
 from ._retry import RetryPolicy
 from ._server import EmbeddedCluster, EmbeddedServer, find_nats_server
 from ._services import SignalTimeoutError
+from ._stats import WorkerStats
 from ._telemetry import Telemetry
 from ._version import __version__
-from ._worker import Worker, WorkerStats
+from ._worker import Worker
 
 __all__ = [
     "Client",

@@ -17,9 +17,14 @@ from . import _names as n
 from . import _wire as w
 from ._context import Outcome, TaskInfo
 from ._handler import HandlerSpec
+from ._stats import WorkerStats
 
 if TYPE_CHECKING:
-    from ._worker import Worker
+    from nats.aio.client import Client as NATS
+    from nats.js import JetStreamContext
+
+    from ._services import Services
+    from ._telemetry import Telemetry
 
 log = logging.getLogger("jsworker.outcomes")
 
@@ -31,13 +36,22 @@ def attempt_suffix(info: TaskInfo) -> str:
 
 
 class OutcomeRecorder:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.js = worker.js
-        self.nc = worker.nc
-        self.stats = worker.stats
-        self.telemetry = worker.telemetry
-        self.services = worker.services
+    """Writes outcomes for one worker. It gets exactly what it needs, never the worker."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        worker_id: str,
+        stats: WorkerStats,
+        telemetry: Telemetry,
+        services: Services,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.worker_id = worker_id
+        self.stats = stats
+        self.telemetry = telemetry
+        self.services = services
 
     async def apply(
         self,
@@ -163,7 +177,7 @@ class OutcomeRecorder:
             "kind": kind,
             "error": o.error,
             "attempts": info.attempt,
-            "worker_id": self.worker.worker_id,
+            "worker_id": self.worker_id,
             "subject": info.subject,
             "timestamp": w.now_rfc3339(),
             "task": {
@@ -210,7 +224,7 @@ class OutcomeRecorder:
             "kind": w.INVALID_PAYLOAD,
             "error": reason,
             "attempts": attempt,
-            "worker_id": self.worker.worker_id,
+            "worker_id": self.worker_id,
             "subject": msg.subject,
             "timestamp": w.now_rfc3339(),
             "stream_sequence": seq,
@@ -247,7 +261,7 @@ class OutcomeRecorder:
             run_id=info.run_id,
             step_id=info.step_id,
             payload=body,
-            worker_id=self.worker.worker_id,
+            worker_id=self.worker_id,
             attempt=info.attempt,
             trace_parent=payload.traceparent,
             trace_state=payload.tracestate,

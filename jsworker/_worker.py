@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -33,33 +33,12 @@ from ._partitions import PartitionedRuntime
 from ._provision import require_stream
 from ._retry import RetryPolicy, clamp_retry_after
 from ._services import Services
+from ._stats import WorkerHealth, WorkerStats
 from ._telemetry import Telemetry
 
 log = logging.getLogger("jsworker.worker")
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_PARTITIONS = 256
-
-
-@dataclass
-class WorkerStats:
-    """Counters since start (read by ``jsworker serve``'s status line)."""
-
-    started: int = 0
-    completed: int = 0
-    failed: int = 0  # retriable failures (will be retried)
-    dead: int = 0  # terminal failures (dead-lettered)
-    continued: int = 0
-    cancelled: int = 0
-    nacked_on_stop: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class WorkerHealth:
-    consumer_deleted: int = 0
-    pull_errors: int = 0
 
 
 class Worker:
@@ -156,7 +135,9 @@ class Worker:
         self.stats = WorkerStats()
         self.health = WorkerHealth()
         self.services = Services(nc)
-        self.recorder = OutcomeRecorder(self)
+        self.recorder = OutcomeRecorder(
+            nc, self.worker_id, self.stats, self.telemetry, self.services
+        )
         self.cancels = CancelWatcher(None, self._on_cancel)
         self._running_ctx: dict[str, set[tuple[TaskContext, asyncio.Task[Any] | None]]] = {}
         self._specs: dict[str, HandlerSpec] = {}

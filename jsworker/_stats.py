@@ -1,0 +1,28 @@
+"""Counters a worker keeps about itself (read by ``jsworker serve``'s status line and
+by ``Worker.health``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class WorkerStats:
+    """Counters since start (read by ``jsworker serve``'s status line)."""
+
+    started: int = 0
+    completed: int = 0
+    failed: int = 0  # retriable failures (will be retried)
+    dead: int = 0  # terminal failures (dead-lettered)
+    continued: int = 0
+    cancelled: int = 0
+    nacked_on_stop: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class WorkerHealth:
+    consumer_deleted: int = 0
+    pull_errors: int = 0
