@@ -22,6 +22,7 @@ from ._errors import (
     TaskError,
     TaskFailed,
     TaskTimeout,
+    WorkerFailedError,
 )
 from ._provision import ProvisionResult, setup_all, setup_kv_buckets, setup_streams
 from ._retry import RetryPolicy
@@ -63,6 +64,7 @@ __all__ = [
     "TaskTimeout",
     "Telemetry",
     "Worker",
+    "WorkerFailedError",
     "WorkerStats",
     "__version__",
     "find_nats_server",

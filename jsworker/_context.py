@@ -58,6 +58,8 @@ class Outcome:
     output: JSON = None
     error: str = ""
     delay: float | None = None
+    #: the handler's traceback when it raised (kept in ``step.failed`` events)
+    traceback: str | None = None
 
 
 class TaskCancelledError(TaskError):

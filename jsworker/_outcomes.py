@@ -35,6 +35,11 @@ def attempt_suffix(info: TaskInfo) -> str:
     return str(info.attempt) if info.iteration == 0 else f"i{info.iteration}.{info.attempt}"
 
 
+def _traceback(o: Outcome) -> dict[str, str]:
+    """``{"traceback": ...}`` for a handler that raised, else nothing (docs/wire.md)."""
+    return {"traceback": o.traceback} if o.traceback else {}
+
+
 class OutcomeRecorder:
     """Writes outcomes for one worker. It gets exactly what it needs, never the worker."""
 
@@ -156,6 +161,7 @@ class OutcomeRecorder:
                 "kind": kind,
                 "retry_in_ms": int(delay * 1000),
                 "attempt": info.attempt,
+                **_traceback(o),
             },
         )
         self.stats.failed += 1
@@ -176,6 +182,7 @@ class OutcomeRecorder:
             "task_type": spec.task_type,
             "kind": kind,
             "error": o.error,
+            **_traceback(o),
             "attempts": info.attempt,
             "worker_id": self.worker_id,
             "subject": info.subject,
@@ -206,6 +213,7 @@ class OutcomeRecorder:
                 "error": o.error,
                 "kind": kind,
                 "attempt": info.attempt,
+                **_traceback(o),
             },
         )
         await msg.term()

@@ -7,7 +7,6 @@ present, and the calls that need them raise :class:`NotProvisionedError` naming
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -181,7 +180,3 @@ async def _try_bucket(js: Any, bucket: str) -> KeyValue | None:
         return None
     except nats.js.errors.NotFoundError:
         return None
-
-
-async def gather_quiet(*aws: Any) -> None:
-    await asyncio.gather(*aws, return_exceptions=True)
