@@ -25,6 +25,7 @@ from ._queues import queues
 from ._serve import serve
 from ._signal import signal_group
 from ._task import task_group
+from ._top import top
 from ._workers import workers
 
 
@@ -88,6 +89,7 @@ for command in (
     partitions_group,
     dead_group,
     queues,
+    top,
 ):
     cli.add_command(command)
 
