@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -112,7 +113,8 @@ class Screen:
 
 
 def cells(line: str) -> list[str]:
-    return [c.strip() for c in line.replace("┃", "│").split("│")[1:-1]]
+    """A table row's cells: rich pads every cell with a space each side."""
+    return re.split(r"\s{2,}", line.strip())
 
 
 async def test_top_full_screen_in_a_pty(

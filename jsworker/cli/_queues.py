@@ -27,6 +27,7 @@ import click
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -273,14 +274,12 @@ def fmt_age(s: float | None) -> str:
 
 
 def render(rows: list[QueueRow], title: str) -> Table:
-    t = Table(title=Text(title), expand=False)
+    t = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left")
     t.add_column("type", no_wrap=True)
-    t.add_column("group")
-    for col in ("queued", "in flight", "redelivered", "oldest"):
-        t.add_column(col, justify="right")
-    t.add_column("consumers", justify="right")
-    t.add_column("partitions", justify="right")
-    t.add_column("members")
+    t.add_column("group", no_wrap=True)
+    for col in ("queued", "running", "redeliv", "oldest", "consumers", "pulls", "parts"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("members", overflow="fold")
     for r in rows:
         nobody = not r.consumers and r.partitions is None
         t.add_row(
@@ -290,10 +289,8 @@ def render(rows: list[QueueRow], title: str) -> Table:
             str(r.in_flight),
             str(r.redelivered),
             fmt_age(r.oldest_age),
-            Text(
-                f"{len(r.consumers)} ({r.waiting_pulls} pulls)" if r.consumers else "none",
-                style="red" if nobody else "",
-            ),
+            Text(str(len(r.consumers)) if r.consumers else "none", style="red" if nobody else ""),
+            str(r.waiting_pulls),
             "-" if r.partitions is None else ("?" if r.partitions < 0 else str(r.partitions)),
             Text(", ".join(r.members) or "-"),
         )
@@ -304,9 +301,9 @@ def render(rows: list[QueueRow], title: str) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @pass_conn
 def queues(conn: ConnOptions, as_json: bool) -> None:
-    """Per task type (and group): tasks queued, in flight (delivered, not yet
-    acknowledged), redelivered, the age of the oldest, consumers (with their
-    waiting pull requests), partitions and members.
+    """Per task type (and group): tasks queued, running (in flight: delivered,
+    not yet acknowledged), redelivered, the age of the oldest, consumers and
+    their waiting pull requests, partitions and members.
 
     Read from the stream and consumer info, so tasks and workers of any
     language are counted. A type with tasks and no consumer has no worker.

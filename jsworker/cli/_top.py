@@ -31,6 +31,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from rich import box
 from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -332,12 +333,12 @@ def render(snap: Snapshot, url: str) -> RenderableType:
     head.append(f"{snap.events} events  ", style="dim")
     head.append("q quits", style="reverse")
 
-    types = Table(title="task types", title_justify="left", expand=True)
+    types = Table(title="task types", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     types.add_column("type", no_wrap=True)
-    types.add_column("group")
-    for col in ("done/s", "failed/s", "p50", "p99", "queued", "in flight", "redeliv", "oldest"):
+    types.add_column("group", no_wrap=True)
+    for col in ("done/s", "fail/s", "p50", "p99", "queued", "running", "redeliv", "oldest"):
         types.add_column(col, justify="right", no_wrap=True)
-    types.add_column("consumers", justify="right")
+    types.add_column("consumers", justify="right", no_wrap=True)
     by_type: dict[str, list[QueueRow]] = collections.defaultdict(list)
     for r in snap.queues:
         by_type[r.task_type].append(r)
@@ -362,8 +363,11 @@ def render(snap: Snapshot, url: str) -> RenderableType:
                 else Text("none", style="red" if r.queued else "dim"),
             )
 
-    workers = Table(title=f"{len(snap.workers)} worker(s)", title_justify="left", expand=True)
-    for col in ("worker", "lang", "host:pid", "handlers", "groups", "partitions held"):
+    workers = Table(
+        title=f"{len(snap.workers)} worker(s)", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    workers.add_column("worker", no_wrap=True)
+    for col in ("lang", "host:pid", "handlers", "groups", "partitions held"):
         workers.add_column(col)
     for e in snap.workers:
         held = e.get("partitions") or {}
@@ -385,7 +389,7 @@ def render(snap: Snapshot, url: str) -> RenderableType:
             ),
         )
 
-    parts = Table(title="partition maps", title_justify="left", expand=True)
+    parts = Table(title="partition maps", title_justify="left", box=box.SIMPLE_HEAD)
     parts.add_column("group", no_wrap=True)
     parts.add_column("partitions", justify="right")
     parts.add_column("member: partitions")
