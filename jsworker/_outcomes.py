@@ -60,11 +60,6 @@ RECORD_DELIVERY_LIMIT = 20
 MAX_SUBJECT_BYTES = 2048
 #: JetStream API error: "message size exceeds maximum allowed" (a stream's max_msg_size)
 _JS_MSG_TOO_LARGE = 10054
-_PERMANENT_NATS = (
-    nats.errors.BadSubjectError,
-    nats.errors.BadHeaderError,
-    nats.errors.MaxPayloadError,
-)
 
 
 class UnrecordableError(JSWorkerError):
@@ -72,9 +67,18 @@ class UnrecordableError(JSWorkerError):
     same way (invalid subject, over ``max_payload``, not encodable)."""
 
 
+_PERMANENT: tuple[type[BaseException], ...] = (
+    UnrecordableError,
+    PayloadError,
+    nats.errors.BadSubjectError,
+    nats.errors.BadHeaderError,
+    nats.errors.MaxPayloadError,
+)
+
+
 def is_permanent(e: BaseException) -> bool:
     """True when a failed publish would fail the same way on every retry."""
-    if isinstance(e, UnrecordableError | PayloadError | _PERMANENT_NATS):
+    if isinstance(e, _PERMANENT):
         return True
     if isinstance(e, nats.js.errors.APIError):
         return e.err_code == _JS_MSG_TOO_LARGE
