@@ -341,6 +341,11 @@ async def test_case5_permanent_failure_near_max_payload(
         assert task["input_truncated"] is True
         assert task["input_size"] == len(full) and task["input_sha256"] == sha(full)
         assert full.decode().startswith(task["input"]) and len(task["input"]) > 30_000
+        # a truncated input is not the task any more: it cannot be replayed
+        dl = await jsworker.get_dead(snc, run_id)
+        assert dl.truncated and not dl.replayable
+        with pytest.raises(jsworker._dead.ReplayError, match="input was truncated"):
+            await jsworker.replay_dead(snc, dl, dry_run=True)
         await drained(snc, ttype)
         await serves_a_good_task(snc, w, ttype)
 
