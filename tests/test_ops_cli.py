@@ -1,5 +1,5 @@
 """Operations from the terminal, as real subprocesses against a real server:
-``jsworker dead ...`` and ``jsworker queues``."""
+``jsworker dead ...`` and ``jsworker queues`` (``jsworker top``: tests/test_top.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import asyncio
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
 import jsworker
 from jsworker import EmbeddedServer
 from jsworker.cli._dead import parse_duration
+from jsworker.cli._queues import fmt_age, queue_report
 
 
 def cli(
@@ -116,7 +117,8 @@ async def test_dead_list_show_json(
     row = next(ln for ln in p.stdout.splitlines() if ln.strip("│ ").startswith(f"{s1} "))
     assert "run-a" in row and "non_retriable" in row and "card declined" in row
     assert "by the bank" not in p.stdout  # the first line of the error only
-    assert "2026-11-29 12:00:00" in row
+    cells = re.split(r"\s{2,}", row.strip())  # seq type run kind att age error
+    assert cells[4] == "1" and cells[6] == "card declined"
 
     p = await acli("dead", "list", "--type", ttype, "--json", env=server_env)
     got = json.loads(p.stdout)
@@ -126,6 +128,7 @@ async def test_dead_list_show_json(
     p = await acli("dead", "show", str(s1), env=server_env)
     assert p.returncode == 0, p.stderr
     assert "card declined\nby the bank" in p.stdout
+    assert "2026-11-29 12:00:00" in p.stdout
     assert '"amount": 990' in p.stdout  # pretty-printed input
     assert "[bold]x[/]" in p.stdout  # shown as-is, never as markup
     assert "Traceback: line 3" in p.stdout
@@ -237,5 +240,79 @@ async def test_dead_without_streams(fresh_server: EmbeddedServer) -> None:
         one_line_error(await acli(*args, env=env), "jsworker kv setup")
 
 
-async def _connect(url: str) -> NATS:
-    return await nats.connect(url)
+# ------------------------------------------------------------------------ queues
+async def test_queues_counts_from_server_state(
+    nc: NATS, server_env: dict[str, str], unique: Callable[[str], str]
+) -> None:
+    orphan, slow, part = unique("orphan"), unique("slow"), unique("part")
+    c = jsworker.Client(nc)
+    js = nc.jetstream()
+    # tasks nobody consumes, published as any other language would: raw JSON bodies
+    for i in range(3):
+        await js.publish(f"task.{orphan}.r{i}", json.dumps({"run_id": f"r{i}"}).encode())
+    for i in range(2):
+        await c.submit(orphan, {"i": i}, group="gpu")
+    gate = asyncio.Event()
+    w = jsworker.Worker(nc, groups=["cpu"], concurrency=2)
+    wp = jsworker.Worker(nc, partitions=3)
+
+    @w.handle(slow)
+    async def h_slow(ctx: jsworker.TaskContext) -> None:
+        await gate.wait()
+
+    @wp.handle(part)
+    async def h_part(ctx: jsworker.TaskContext) -> None:
+        await gate.wait()
+
+    def by_key(rows: list[dict[str, Any]]) -> dict[tuple[str, str | None], dict[str, Any]]:
+        return {(r["task_type"], r["group"]): r for r in rows}
+
+    async with w, wp:
+        for i in range(5):
+            await c.submit(slow, {"i": i}, group="cpu")
+        for i in range(4):
+            await c.submit(part, {"i": i}, key=f"k{i}")
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:  # wait on server state: every task that can start has been delivered
+            rows = {r.key: r for r in await queue_report(nc)}
+            if rows[(slow, "cpu")].in_flight == 2 and rows[(part, None)].in_flight == 4:
+                break
+            assert asyncio.get_running_loop().time() < deadline, rows
+            await asyncio.sleep(0.05)
+        p = await acli("queues", "--json", env=server_env)
+        assert p.returncode == 0, p.stderr
+        got = by_key(json.loads(p.stdout))
+        table = await acli("queues", env=server_env)
+        gate.set()
+    o, og = got[(orphan, None)], got[(orphan, "gpu")]
+    assert (o["queued"], o["in_flight"], o["consumers"]) == (3, 0, [])
+    assert (og["queued"], og["in_flight"]) == (2, 0)
+    assert o["oldest_age"] is not None and o["oldest_age"] >= 0
+    s = got[(slow, "cpu")]
+    assert (s["queued"], s["in_flight"], s["consumers"]) == (3, 2, [f"{slow}__g_cpu"])
+    assert s["oldest_age"] is not None
+    pt = got[(part, None)]
+    assert (pt["partitions"], pt["members"]) == (3, [wp.worker_id])
+    assert (pt["queued"], pt["in_flight"], pt["stream"]) == (0, 4, f"TASK_QUEUES-{part}")
+    assert table.returncode == 0
+    line = next(ln for ln in table.stdout.splitlines() if f" {slow} " in ln)
+    assert "cpu" in line and " 3 " in line and " 2 " in line
+    line = next(ln for ln in table.stdout.splitlines() if f" {orphan} " in ln and "gpu" in ln)
+    assert "none" in line
+    await js.purge_stream("TASK_QUEUES", subject=f"task.{orphan}.>")
+
+
+def test_fmt_age() -> None:
+    assert [fmt_age(x) for x in (None, 4.25, 42, 307, 11100, 183600)] == [
+        "-",
+        "4.2s",
+        "42s",
+        "5m07s",
+        "3h05m",
+        "2d03h",
+    ]
+
+
+async def test_queues_without_streams(fresh_server: EmbeddedServer) -> None:
+    env = {**os.environ, "NATS_URL": fresh_server.url}
+    one_line_error(await acli("queues", env=env), "jsworker kv setup")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from nats.aio.client import Client as NATS
+from rich import box
 from rich.json import JSON
 from rich.table import Table
 from rich.text import Text
@@ -81,6 +82,16 @@ def _when(stamp: str, now: datetime) -> str:
     return f"{t.astimezone(UTC):%Y-%m-%d %H:%M:%S} ({_ago((now - t).total_seconds())})"
 
 
+def _age_of(stamp: str, now: datetime) -> str:
+    try:
+        t = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return "?"
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return _ago((now - t).total_seconds()).removesuffix(" ago")
+
+
 def _ago(s: float) -> str:
     s = max(0.0, s)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -116,8 +127,8 @@ def dead_list(
     limit: int | None,
     as_json: bool,
 ) -> None:
-    """List dead letters, oldest first: sequence, type, run, kind, the first line
-    of the error, attempts and time.
+    """List dead letters, oldest first: sequence, type (/group), run, kind,
+    attempts, age and the first line of the error.
 
     \b
     Examples:
@@ -140,22 +151,25 @@ def dead_list(
         print_json([d.as_dict() for d in dls])
         return
     what = f"{len(dls)} dead letter(s)" + (f" of {task_type}" if task_type else "")
-    table = Table(title=Text(what))
+    table = Table(title=Text(what), box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column("seq", justify="right", no_wrap=True)
-    for col in ("type", "run", "kind", "error"):
-        table.add_column(col)
-    table.add_column("attempts", justify="right")
-    table.add_column("time", no_wrap=True)
+    table.add_column("type", no_wrap=True)
+    table.add_column("run", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("att", justify="right", no_wrap=True)
+    table.add_column("age", justify="right", no_wrap=True)
+    # the one wrapable column: rich narrows it first; its cells are cut, not wrapped
+    table.add_column("error", min_width=12)
     now = datetime.now(UTC)
     for d in dls:
         table.add_row(
             str(d.seq),
-            Text(d.task_type + (f" ({d.group})" if d.group else "")),
+            Text(d.task_type + (f"/{d.group}" if d.group else "")),
             Text(d.run_id or "-"),
             Text(d.kind, style="red" if d.kind != "exhausted" else "yellow"),
-            Text(_first_line(d.error or d.payload_text or "")),
             str(d.attempts),
-            _when(d.timestamp, now),
+            _age_of(d.timestamp, now),
+            Text(_first_line(d.error or "", 200), no_wrap=True, overflow="ellipsis"),
         )
     console.print(table)
 
