@@ -148,6 +148,9 @@ class Worker:
         self.stats = WorkerStats()
         self.health = WorkerHealth()
         self.services = Services(nc)
+        self.recorder = OutcomeRecorder(
+            nc, self.worker_id, self.stats, self.telemetry, self.services
+        )
         self._specs: dict[str, HandlerSpec] = {}  # wanted
         self._runtimes: dict[str, HandlerRuntime] = {}  # running
         self._state = "new"  # new -> running -> stopping -> stopped
@@ -324,12 +327,9 @@ class Worker:
             await require_stream(self.js, n.DEAD_LETTER_STREAM)
             await self.services.bind_optional()
             sup = self._supervisor = Supervisor(self.nc, self.health)
-            recorder = OutcomeRecorder(
-                self.nc, self.worker_id, self.stats, self.telemetry, self.services
-            )
             self._cancels = CancelWatcher(self.services.signals, lambda r, why: None, sup.spawn)
             executor = self._executor = Executor(
-                recorder, self.services, self.stats, self.telemetry, self._cancels.reason
+                self.recorder, self.services, self.stats, self.telemetry, self._cancels.reason
             )
             self._cancels.on_cancel = executor.on_cancel
             await self._cancels.start()

@@ -189,7 +189,7 @@ class _MemoryServices(Services):
         self._check(self._env.checkpoints_enabled, "checkpoints")
         return self._env.checkpoint
 
-    async def wait_for_signal(self, run_id: str, name: str, timeout: float, *args: Any) -> Any:
+    async def wait_for_signal(self, run_id: str, name: str, timeout: float) -> Any:
         self._check(self._env.signals_enabled, "signals")
         if name in self._env.signals:
             return self._env.signals[name]
