@@ -15,11 +15,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
+from nats.js.kv import KeyValue
 
 from . import _names as n
 from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
 from ._services import CHUNK_SEQ, Services
+from ._sticky import bindings_kv, route, sticky_headers, validate_mode
 from ._telemetry import current_traceparent
 
 
@@ -35,7 +37,7 @@ class StreamItem:
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """One task for :meth:`Client.submit_many`."""
+    """One task for :meth:`Client.submit_many` (fields as :meth:`Client.submit`)."""
 
     task_type: str
     input: Any = None
@@ -44,6 +46,8 @@ class TaskRequest:
     step_id: str | None = None
     metadata: Mapping[str, str] | None = None
     key: str | None = None
+    sticky: str | None = None
+    last_step: bool = False
 
 
 #: seconds without any event after which ``wait_outcome`` subscribes afresh
@@ -159,6 +163,19 @@ class Client:
         self.nc = nc
         self.js = nc.jetstream()
         self.services = Services(nc)
+        self._bindings: KeyValue | None = None
+
+    async def _sticky_route(
+        self, task_type: str, run_id: str, mode: str | None, last: bool, subject: str
+    ) -> tuple[str, dict[str, str]]:
+        """Subject and extra headers of a task: a sticky one goes to its run's worker
+        (docs/sticky-assignment.md); others are left as they are."""
+        if mode is None:
+            return subject, {}
+        if self._bindings is None:
+            self._bindings = await bindings_kv(self.js)
+        routed = await route(self.js, self._bindings, task_type, run_id, mode, subject)
+        return routed, sticky_headers(mode, subject, last)
 
     def _build(
         self,
@@ -170,6 +187,8 @@ class Client:
         step_id: str | None,
         metadata: Mapping[str, str] | None,
         key: str | None = None,
+        sticky: str | None = None,
+        last_step: bool = False,
     ) -> tuple[str, bytes, str, str, str]:
         n.validate_task_type(task_type)
         if key is not None:
@@ -192,16 +211,19 @@ class Client:
             traceparent=tp,
             tracestate=ts,
         ).encode()
-        self._check_size(body, value, f"{run_id}.{step_id}.0")
         subject = n.task_subject(task_type, key if key is not None else run_id, group)
+        extra = sticky_headers(sticky, subject, last_step) if sticky else None
+        self._check_size(body, value, f"{run_id}.{step_id}.0", extra)
         return subject, body, run_id, step_id, task_id
 
-    def _check_size(self, body: bytes, value: Any, msg_id: str) -> None:
+    def _check_size(
+        self, body: bytes, value: Any, msg_id: str, extra: Mapping[str, str] | None = None
+    ) -> None:
         """Refuse a task the server would refuse: body plus headers over ``max_payload``.
         (nats-py checks the body only; the server drops the connection of a publisher
         that sends more, which the caller would see as a timeout.)"""
         limit = self.nc.max_payload
-        hdrs = w.headers_size({"Nats-Msg-Id": msg_id})
+        hdrs = w.headers_size({"Nats-Msg-Id": msg_id, **(extra or {})})
         if not limit or len(body) + hdrs <= limit:
             return
         envelope = len(body) - len(w.dumps(value))
@@ -223,6 +245,8 @@ class Client:
         metadata: Mapping[str, str] | None = None,
         stream: bool = False,
         key: str | None = None,
+        sticky: str | None = None,
+        last_step: bool = False,
     ) -> TaskHandle:
         """Submit one task. ``input`` is JSON bytes or any JSON-serialisable value.
 
@@ -237,7 +261,16 @@ class Client:
         ``max_payload`` with its envelope and headers (the message gives the largest
         input that fits), ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
         ``stream=True`` subscribes to the task's partial results before publishing, so
-        ``handle.stream()`` sees every chunk."""
+        ``handle.stream()`` sees every chunk.
+
+        ``sticky="soft" | "hard"`` routes the run's steps to the worker that ran its
+        first sticky step (docs/sticky-assignment.md): soft falls back to any worker
+        when that one is gone, hard waits for it and fails (kind
+        ``sticky_worker_gone``) when it stays gone. ``last_step=True`` marks the run's
+        last step: its terminal outcome removes the run's binding. Raises
+        ``ConfigError`` for another ``sticky`` value and ``NotProvisionedError``
+        without KV ``sticky_bindings``."""
+        mode = validate_mode(sticky)
         subject, body, run_id, step_id, task_id = self._build(
             task_type,
             input,
@@ -246,13 +279,16 @@ class Client:
             step_id=step_id,
             metadata=metadata,
             key=key,
+            sticky=mode,
+            last_step=last_step,
         )
+        subject, extra = await self._sticky_route(task_type, run_id, mode, last_step, subject)
         chunk_sub = None
         if stream:
             chunk_sub = await self.nc.subscribe(n.stream_subject(run_id, step_id))
         try:
             ack = await self.js.publish(
-                subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
+                subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0", **extra}
             )
         except BaseException as e:
             if chunk_sub is not None:
@@ -278,9 +314,13 @@ class Client:
             chunk_sub,
         )
 
-    async def _publish(self, subject: str, body: bytes, msg_id: str) -> Any:
+    async def _publish(
+        self, subject: str, body: bytes, msg_id: str, extra: Mapping[str, str] | None = None
+    ) -> Any:
         try:
-            return await self.js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
+            return await self.js.publish(
+                subject, body, headers={"Nats-Msg-Id": msg_id, **(extra or {})}
+            )
         except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             raise NotProvisionedError(
                 f"no stream captures {subject}: run `jsworker kv setup` to create {n.TASK_STREAM}"
@@ -298,6 +338,8 @@ class Client:
     ) -> list[TaskHandle]:
         """Submit many tasks with up to ``window`` publishes in flight; returns handles in
         order. Every task is validated before anything is published."""
+        tasks = list(tasks)
+        modes = [validate_mode(t.sticky) for t in tasks]
         built = [
             (
                 t,
@@ -309,21 +351,30 @@ class Client:
                     step_id=t.step_id,
                     key=t.key,
                     metadata=t.metadata,
+                    sticky=m,
+                    last_step=t.last_step,
                 ),
             )
-            for t in tasks
+            for t, m in zip(tasks, modes, strict=True)
         ]
         sem = asyncio.Semaphore(window)
 
-        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str]) -> TaskHandle:
+        async def one(
+            t: TaskRequest, b: tuple[str, bytes, str, str, str], mode: str | None
+        ) -> TaskHandle:
             subject, body, run_id, step_id, task_id = b
             async with sem:
-                ack = await self._publish(subject, body, f"{run_id}.{step_id}.0")
+                subject, extra = await self._sticky_route(
+                    t.task_type, run_id, mode, t.last_step, subject
+                )
+                ack = await self._publish(subject, body, f"{run_id}.{step_id}.0", extra)
             return TaskHandle(
                 self, t.task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
             )
 
-        return list(await asyncio.gather(*(one(t, b) for t, b in built)))
+        return list(
+            await asyncio.gather(*(one(t, b, m) for (t, b), m in zip(built, modes, strict=True)))
+        )
 
     async def run_events(
         self, run_id: str, *, timeout: float | None = None

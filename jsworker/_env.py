@@ -8,7 +8,7 @@ listed here.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from nats.aio.client import Client as NATS
@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 
 from ._pull import Slots
 from ._stats import WorkerHealth
+from ._sticky import StickySettings
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -50,3 +51,5 @@ class RuntimeEnv:
     executor: Executes
     #: called after this worker's partitions changed (refreshes the directory entry)
     on_membership_change: Callable[[], Awaitable[None]]
+    #: sticky assignment timeouts (each handler runtime sweeps its type's sticky tasks)
+    sticky: StickySettings = field(default_factory=StickySettings)

@@ -24,7 +24,9 @@ from ._duration import Duration, seconds
 from ._env import RuntimeEnv
 from ._errors import ConfigError, ConsumerConflictError, NotProvisionedError, ServerError
 from ._pull import PullLoop, Slots
+from ._ratelimit import RateLimit, check_limit
 from ._retry import RetryPolicy
+from ._sticky import StickyLane
 
 log = logging.getLogger("jsworker.handler")
 
@@ -46,6 +48,8 @@ class HandlerSpec:
     ``partitions``: elastic partitions 1-256 (0: one shared consumer); ``singleton`` is
     one partition with at most one task running at a time.
     ``version``: 1, then +1 each time the handler's code is replaced on a live worker.
+    ``rate_limit`` / ``key_rate_limit``: :class:`~jsworker.RateLimit` for the whole
+    task type / per key (default: none); checked before the handler runs.
     """
 
     task_type: str
@@ -58,6 +62,8 @@ class HandlerSpec:
     concurrency: int | None = None
     partitions: int = 0
     version: int = 1
+    rate_limit: RateLimit | None = None
+    key_rate_limit: RateLimit | None = None
 
     @property
     def needs_new_consumer(self) -> tuple[object, ...]:
@@ -89,6 +95,8 @@ def make_spec(
     singleton: bool = False,
     concurrency: int | None = None,
     partitions: int = 0,
+    rate_limit: object = None,
+    key_rate_limit: object = None,
 ) -> HandlerSpec:
     n.validate_task_type(task_type)
     if not callable(fn):
@@ -107,6 +115,8 @@ def make_spec(
     ):
         raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
     partitions = 1 if singleton else validate_partitions(partitions)
+    rl = check_limit(rate_limit, "rate_limit", keyed=False)
+    krl = check_limit(key_rate_limit, "key_rate_limit", keyed=True)
     return HandlerSpec(
         task_type,
         fn,
@@ -117,6 +127,8 @@ def make_spec(
         singleton,
         concurrency,
         partitions,
+        rate_limit=rl,
+        key_rate_limit=krl,
     )
 
 
@@ -145,6 +157,8 @@ class HandlerRuntime:
         self.draining = asyncio.Event()
         #: grace for the next drain when it is not the worker's (``remove_handler``)
         self.drain_grace: float | None = None
+        #: this worker's sticky consumer of the type and the sweep of the others'
+        self.sticky: StickyLane | None = None
 
     @property
     def task_type(self) -> str:
@@ -195,7 +209,15 @@ class HandlerRuntime:
             )
             await loop.start()
             self.loops.append(loop)
+        await self._start_sticky()
         self._start_heartbeats()
+
+    async def _start_sticky(self) -> None:
+        """Consume this worker's sticky subjects of the type (``sticky.{type}.{worker}.>``
+        on ``STICKY_TASKS``) and sweep the other workers' (docs/sticky-assignment.md)."""
+        lane = StickyLane(self, self.env.sticky)
+        await lane.start()
+        self.sticky = lane
 
     def _start_heartbeats(self) -> None:
         self._hb_task = self.env.supervisor.spawn(f"heartbeat:{self.task_type}", self._heartbeats)
@@ -300,6 +322,8 @@ class HandlerRuntime:
 
     async def stop_pulling(self) -> None:
         await asyncio.gather(*(lp.stop() for lp in self.loops))
+        if self.sticky is not None:
+            await self.sticky.stop_pulling()
 
     async def drain(self, grace: float) -> None:
         """Stop taking tasks, let running ones finish within ``grace`` seconds (their
@@ -319,5 +343,8 @@ class HandlerRuntime:
 
     async def stop(self) -> None:
         await self.stop_pulling()
+        if self.sticky is not None:
+            await self.sticky.stop()  # deletes this worker's sticky consumer
+            self.sticky = None
         await cancel_and_wait(self._hb_task)
         self._hb_task = None

@@ -25,6 +25,7 @@ from ._duration import Duration, seconds
 from ._env import RuntimeEnv
 from ._errors import ConfigError, LifecycleError, WorkerFailedError
 from ._executor import Executor
+from ._gate import Gate
 from ._handler import (
     DEFAULT_ACK_WAIT,
     MAX_PARTITIONS,
@@ -37,16 +38,32 @@ from ._outcomes import OutcomeRecorder
 from ._partitions import PartitionedRuntime
 from ._provision import require_stream
 from ._pull import Slots
+from ._ratelimit import DEFAULT_HOLD, Limiter
 from ._retry import RetryPolicy
 from ._services import Services
 from ._stats import WorkerHealth, WorkerStats
+from ._sticky import (
+    DEFAULT_HARD_TIMEOUT,
+    DEFAULT_SOFT_TIMEOUT,
+    MAX_HARD_TIMEOUT,
+    StickySettings,
+)
 from ._supervisor import Supervisor
 from ._telemetry import Telemetry
 
 log = logging.getLogger("jsworker.worker")
 F = TypeVar("F", bound=Callable[..., Any])
 HANDLER_OPTIONS = frozenset(
-    {"ack_wait", "retry", "max_iterations", "concurrency", "partitions", "singleton"}
+    {
+        "ack_wait",
+        "retry",
+        "max_iterations",
+        "concurrency",
+        "partitions",
+        "singleton",
+        "rate_limit",
+        "key_rate_limit",
+    }
 )
 
 __all__ = ["MAX_PARTITIONS", "Worker"]
@@ -80,6 +97,14 @@ class Worker:
         heartbeat_interval: how often the worker directory entry is refreshed (default
             30 s). A partition member whose entry is older than 3x this (at most 60 s,
             the bucket TTL) is considered dead and its partitions are moved.
+        sticky_soft_timeout: a soft-sticky task that its bound worker has not pulled
+            within this long, or whose worker is gone, runs on another worker (default
+            10 s; docs/sticky-assignment.md).
+        sticky_hard_timeout: a hard-sticky task whose bound worker has been gone this
+            long fails with kind ``sticky_worker_gone`` (default 5 min, at most 25 min).
+        rate_limit_hold: a task over its rate limit whose next token is due within this
+            long is held (its lease renewed) instead of nak'ed (default 2 s;
+            docs/rate-limiting.md).
 
     Handlers may be registered before or after :meth:`start`; on a running worker a
     registration goes live at once (see :meth:`handle`). ``start`` with no handlers is
@@ -103,6 +128,9 @@ class Worker:
         pull_expires: Duration = 5.0,
         worker_id: str | None = None,
         heartbeat_interval: Duration = 30.0,
+        sticky_soft_timeout: Duration = DEFAULT_SOFT_TIMEOUT,
+        sticky_hard_timeout: Duration = DEFAULT_HARD_TIMEOUT,
+        rate_limit_hold: Duration = DEFAULT_HOLD,
     ) -> None:
         if nc is None:
             raise ConfigError("Worker needs a connected NATS client (nc is None)")
@@ -145,6 +173,18 @@ class Worker:
         # a member whose directory entry was not refreshed for this long is dead; never
         # more than the directory bucket's 60 s TTL, after which the entry is gone anyway
         self.liveness = min(60.0, 3 * self.heartbeat_interval)
+        self.sticky = StickySettings(
+            seconds(sticky_soft_timeout, name="sticky_soft_timeout", minimum=0.1),
+            seconds(
+                sticky_hard_timeout,
+                name="sticky_hard_timeout",
+                minimum=0.1,
+                maximum=MAX_HARD_TIMEOUT,
+            ),
+        )
+        self.rate_limit_hold = seconds(
+            rate_limit_hold, name="rate_limit_hold", allow_zero=True, maximum=60.0
+        )
         self.stats = WorkerStats()
         self.health = WorkerHealth()
         self.services = Services(nc)
@@ -230,6 +270,8 @@ class Worker:
             singleton=singleton,
             concurrency=options.get("concurrency"),
             partitions=options.get("partitions", self.partitions),
+            rate_limit=options.get("rate_limit"),
+            key_rate_limit=options.get("key_rate_limit"),
         )
         old = self._specs.get(task_type)
         if old is not None:
@@ -328,8 +370,16 @@ class Worker:
             await self.services.bind_optional()
             sup = self._supervisor = Supervisor(self.nc, self.health)
             self._cancels = CancelWatcher(self.services.signals, lambda r, why: None, sup.spawn)
+            gate = Gate(
+                self.js, self.worker_id, Limiter(self.js, hold=self.rate_limit_hold), self.stats
+            )
             executor = self._executor = Executor(
-                self.recorder, self.services, self.stats, self.telemetry, self._cancels.reason
+                self.recorder,
+                self.services,
+                self.stats,
+                self.telemetry,
+                self._cancels.reason,
+                gate,
             )
             self._cancels.on_cancel = executor.on_cancel
             await self._cancels.start()
@@ -347,6 +397,7 @@ class Worker:
                 supervisor=sup,
                 executor=executor,
                 on_membership_change=self._refresh_directory,
+                sticky=self.sticky,
             )
             self._directory = Directory(
                 self.nc, self.worker_id, self._describe, sup.spawn, self.heartbeat_interval
