@@ -74,5 +74,7 @@ def event_text(ev: dict[str, Any]) -> Text:
     t.append(f"{ev.get('timestamp', '')}  ", style="dim")
     t.append(f"{et:15}", style=EVENT_STYLE.get(et, ""))
     t.append(f" {ev.get('step_id', '')}  attempt {ev.get('attempt_number', '')}  ")
+    if ev.get("worker_id"):
+        t.append(f"on {ev['worker_id']}  ", style="dim")
     t.append(detail)
     return t
