@@ -215,3 +215,32 @@ async def test_top_without_streams(fresh_server: EmbeddedServer) -> None:
     assert term.child.exitstatus == 1
     assert "Traceback" not in out
     assert "WORKFLOW_HISTORY, TASK_QUEUES do not exist: run `jsworker kv setup`" in out, out
+
+
+async def test_top_rides_out_a_missing_stream_and_quits_on_ctrl_c(
+    fresh_server: EmbeddedServer,
+) -> None:
+    import nats
+
+    nc = await nats.connect(fresh_server.url)
+    try:
+        await jsworker.setup_all(nc)
+        term = Screen({**os.environ, "NATS_URL": fresh_server.url}, "--interval", "0.2")
+        try:
+            await term.wait(lambda: "q quits" in term.text(), "the header")
+            await nc.jetstream().delete_stream("TASK_QUEUES")
+            await term.wait(
+                lambda: "TASK_QUEUES does not exist" in term.text(), "the problem in the header"
+            )
+            assert term.child.isalive()  # still running, last numbers on screen
+            await jsworker.setup_all(nc)
+            await term.wait(lambda: "does not exist" not in term.text(), "recovery")
+            term.child.sendintr()  # Ctrl-C
+            await asyncio.to_thread(term.child.expect, pexpect.EOF, 15)
+            term.child.close()
+            assert term.child.exitstatus == 0
+        finally:
+            if term.child.isalive():
+                term.child.terminate(force=True)
+    finally:
+        await nc.close()

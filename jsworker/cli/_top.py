@@ -40,7 +40,7 @@ from rich.text import Text
 from .. import _names as n
 from .. import _wire as w
 from .._directory import list_workers
-from .._errors import NotProvisionedError
+from .._errors import JSWorkerError, NotProvisionedError
 from .._pcg_config import ElasticConfig, PartitionConfigError, assignment
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run
@@ -326,12 +326,14 @@ def _ranges(parts: list[int]) -> str:
     return ",".join(out)
 
 
-def render(snap: Snapshot, url: str) -> RenderableType:
+def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
     head = Text()
     head.append("jsworker top", style="bold")
     head.append(f"  {url}  {datetime.fromtimestamp(snap.at, UTC):%H:%M:%S} UTC  ")
     head.append(f"{snap.events} events  ", style="dim")
     head.append("q quits", style="reverse")
+    if problem:
+        head.append(f"\n{problem} (showing the last numbers)", style="bold red")
 
     types = Table(title="task types", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     types.add_column("type", no_wrap=True)
@@ -489,9 +491,19 @@ async def _top(
                     auto_refresh=False,
                 ) as live,
             ):
+                last: Snapshot | None = None
                 while not stop.is_set():
-                    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-                        live.update(render(await take_snapshot(nc, stats), conn.url), refresh=True)
+                    problem = ""
+                    try:
+                        last = await take_snapshot(nc, stats)
+                    except (JSWorkerError, nats.errors.Error) as e:
+                        # keep the screen (and the last numbers) up: the server may be
+                        # restarting; say what is wrong in the header
+                        problem = str(e) or type(e).__name__
+                    if last is not None:
+                        live.update(render(last, conn.url, problem), refresh=True)
+                    elif problem:
+                        live.update(Text(f"jsworker top: {problem}", style="red"), refresh=True)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), interval)
         finally:
