@@ -74,12 +74,13 @@ class Executor:
             # pulled but not started before the runtime began draining: hand it back
             await self._hand_back(msg)
             return
+        subject = rt.task_subject(msg)
         try:
-            payload = w.TaskPayload.decode(msg.data)
+            # the subject too: its group and key tokens follow the client's rules
+            payload = w.TaskPayload.decode(msg.data, subject)
         except PayloadError as e:
             await self.recorder.dead_invalid(rt.spec, msg, str(e), attempt, seq)
             return
-        subject = rt.task_subject(msg)
         tokens = subject.split(".")
         info = TaskInfo(
             task_type=rt.task_type,
@@ -122,6 +123,11 @@ class Executor:
             except asyncio.CancelledError:
                 await self._hand_back(msg)
                 raise
+            except Exception as e:
+                # the retry could not be recorded (transient): apply() below tries again
+                # and leaves the task for redelivery, dead-lettered past the limit
+                log.error("recording a retry of %s/%s failed: %s", info.run_id, info.step_id, e)
+                break
             if rt.draining.is_set():
                 await self._hand_back(msg)
                 return
@@ -137,9 +143,17 @@ class Executor:
                 checkpointed=ctx._checkpointed,
             )
         except Exception as e:
-            # Could not record the outcome (server gone?): do not ack; the task is
-            # redelivered after AckWait and the outcome recorded then (dedup ids).
-            log.error("recording outcome of %s/%s failed: %s", info.run_id, info.step_id, e)
+            # apply() raises only when it left the task for redelivery on purpose: the
+            # outcome could not be recorded for a transient reason (server gone?). The
+            # task comes back after AckWait and is recorded then (dedup ids), or is
+            # dead-lettered from the recorder's delivery limit on.
+            log.error(
+                "recording outcome of %s/%s failed (delivery %d), left for redelivery: %s",
+                info.run_id,
+                info.step_id,
+                info.attempt,
+                e,
+            )
 
     async def _attempt(
         self,
