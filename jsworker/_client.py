@@ -22,7 +22,7 @@ from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
 from ._services import CHUNK_SEQ, Services
 from ._sticky import bindings_kv, route, sticky_headers, validate_mode
-from ._telemetry import current_traceparent
+from ._telemetry import Telemetry, current_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,10 +159,14 @@ class Client:
     (within the stream's 10 min duplicate window).
     """
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, *, telemetry: Telemetry | None = None) -> None:
+        """``telemetry``: with a tracer provider, every submit is a PRODUCER span whose
+        context the task carries, so the worker's span is its child (default: off; an
+        active span of your own is still propagated)."""
         self.nc = nc
         self.js = nc.jetstream()
         self.services = Services(nc)
+        self.telemetry = telemetry or Telemetry()
         self._bindings: KeyValue | None = None
 
     async def _sticky_route(
@@ -187,6 +191,7 @@ class Client:
         step_id: str | None,
         metadata: Mapping[str, str] | None,
         key: str | None = None,
+        trace: tuple[str, str] | None = None,
         sticky: str | None = None,
         last_step: bool = False,
     ) -> tuple[str, bytes, str, str, str]:
@@ -197,7 +202,7 @@ class Client:
             n.validate_group(group)
         run_id = n.validate_run_id(run_id) if run_id is not None else n.new_run_id()
         step_id = n.validate_step_id(step_id) if step_id is not None else task_type
-        tp, ts = current_traceparent()
+        tp, ts = trace if trace is not None else current_traceparent()
         task_id = n.new_task_id()
         value = w.to_json_value(input, "input")
         body = w.TaskPayload(
@@ -271,6 +276,56 @@ class Client:
         ``ConfigError`` for another ``sticky`` value and ``NotProvisionedError``
         without KV ``sticky_bindings``."""
         mode = validate_mode(sticky)
+        producer = self.telemetry.start_producer(task_type, group)
+        if producer is None:
+            return await self._submit(
+                task_type,
+                input,
+                group,
+                run_id,
+                step_id,
+                metadata,
+                stream,
+                key,
+                sticky=mode,
+                last_step=last_step,
+            )
+        span, trace = producer
+        try:
+            handle = await self._submit(
+                task_type,
+                input,
+                group,
+                run_id,
+                step_id,
+                metadata,
+                stream,
+                key,
+                trace,
+                sticky=mode,
+                last_step=last_step,
+            )
+        except BaseException as e:
+            Telemetry.end_producer(span, error=e)
+            raise
+        Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
+        return handle
+
+    async def _submit(
+        self,
+        task_type: str,
+        input: Any,
+        group: str | None,
+        run_id: str | None,
+        step_id: str | None,
+        metadata: Mapping[str, str] | None,
+        stream: bool,
+        key: str | None,
+        trace: tuple[str, str] | None = None,
+        *,
+        sticky: str | None = None,
+        last_step: bool = False,
+    ) -> TaskHandle:
         subject, body, run_id, step_id, task_id = self._build(
             task_type,
             input,
@@ -279,10 +334,11 @@ class Client:
             step_id=step_id,
             metadata=metadata,
             key=key,
-            sticky=mode,
+            trace=trace,
+            sticky=sticky,
             last_step=last_step,
         )
-        subject, extra = await self._sticky_route(task_type, run_id, mode, last_step, subject)
+        subject, extra = await self._sticky_route(task_type, run_id, sticky, last_step, subject)
         chunk_sub = None
         if stream:
             chunk_sub = await self.nc.subscribe(n.stream_subject(run_id, step_id))
@@ -337,13 +393,17 @@ class Client:
         self, tasks: Iterable[TaskRequest], *, window: int = 256
     ) -> list[TaskHandle]:
         """Submit many tasks with up to ``window`` publishes in flight; returns handles in
-        order. Every task is validated before anything is published."""
-        tasks = list(tasks)
-        modes = [validate_mode(t.sticky) for t in tasks]
-        built = [
-            (
-                t,
-                self._build(
+        order. Every task is validated before anything is published. With tracing on,
+        each task gets its own producer span."""
+        built = []
+        spans: list[Any] = []
+        try:
+            for t in tasks:
+                mode = validate_mode(t.sticky)
+                producer = self.telemetry.start_producer(t.task_type, t.group)
+                if producer is not None:
+                    spans.append(producer[0])
+                b = self._build(
                     t.task_type,
                     t.input,
                     group=t.group,
@@ -351,30 +411,36 @@ class Client:
                     step_id=t.step_id,
                     key=t.key,
                     metadata=t.metadata,
-                    sticky=m,
+                    trace=producer[1] if producer is not None else None,
+                    sticky=mode,
                     last_step=t.last_step,
-                ),
-            )
-            for t, m in zip(tasks, modes, strict=True)
-        ]
+                )
+                built.append((t, b, producer[0] if producer is not None else None))
+        except BaseException as e:
+            for span in spans:
+                Telemetry.end_producer(span, error=e)
+            raise
         sem = asyncio.Semaphore(window)
 
-        async def one(
-            t: TaskRequest, b: tuple[str, bytes, str, str, str], mode: str | None
-        ) -> TaskHandle:
+        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str], span: Any) -> TaskHandle:
             subject, body, run_id, step_id, task_id = b
-            async with sem:
-                subject, extra = await self._sticky_route(
-                    t.task_type, run_id, mode, t.last_step, subject
-                )
-                ack = await self._publish(subject, body, f"{run_id}.{step_id}.0", extra)
+            try:
+                async with sem:
+                    subject, extra = await self._sticky_route(
+                        t.task_type, run_id, validate_mode(t.sticky), t.last_step, subject
+                    )
+                    ack = await self._publish(subject, body, f"{run_id}.{step_id}.0", extra)
+            except BaseException as e:
+                if span is not None:
+                    Telemetry.end_producer(span, error=e)
+                raise
+            if span is not None:
+                Telemetry.end_producer(span, run_id=run_id, subject=subject)
             return TaskHandle(
                 self, t.task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
             )
 
-        return list(
-            await asyncio.gather(*(one(t, b, m) for (t, b), m in zip(built, modes, strict=True)))
-        )
+        return list(await asyncio.gather(*(one(t, b, span) for t, b, span in built)))
 
     async def run_events(
         self, run_id: str, *, timeout: float | None = None

@@ -26,7 +26,7 @@ from ._errors import ConfigError, ConsumerConflictError, NotProvisionedError, Se
 from ._pull import PullLoop, Slots
 from ._ratelimit import RateLimit, check_limit
 from ._retry import RetryPolicy
-from ._sticky import StickyLane
+from ._sticky import StickyLane, home_subject
 
 log = logging.getLogger("jsworker.handler")
 
@@ -313,8 +313,10 @@ class HandlerRuntime:
         return list(self.inflight.values())
 
     def task_subject(self, msg: Msg) -> str:
-        """The task's subject on ``task.>`` (partitioned streams prefix a partition)."""
-        return msg.subject
+        """The task's subject on ``task.>`` (partitioned streams prefix a partition; a
+        sticky task's is its ``Jsworker-Task-Subject`` header)."""
+        s = msg.subject
+        return home_subject(s, msg.headers) if s.startswith("sticky.") else s
 
     def describe(self) -> dict[str, object]:
         """Partitions held, by elastic group (empty when not partitioned)."""
