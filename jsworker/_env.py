@@ -8,7 +8,7 @@ listed here.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from nats.aio.client import Client as NATS
@@ -17,11 +17,11 @@ from nats.js import JetStreamContext
 
 from ._pull import Slots
 from ._stats import WorkerHealth
-from ._sticky import StickySettings
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ._handler import HandlerRuntime
+    from ._sticky import StickySettings
 
 
 class Executes(Protocol):
@@ -51,5 +51,7 @@ class RuntimeEnv:
     executor: Executes
     #: called after this worker's partitions changed (refreshes the directory entry)
     on_membership_change: Callable[[], Awaitable[None]]
-    #: sticky assignment timeouts (each handler runtime sweeps its type's sticky tasks)
-    sticky: StickySettings = field(default_factory=StickySettings)
+    #: sticky assignment timeouts (the worker's sticky runtime, ``_sticky.py``)
+    sticky: StickySettings
+    #: the running handler runtime of a task type, if any (sticky tasks are run by it)
+    runtime_of: Callable[[str], HandlerRuntime | None]

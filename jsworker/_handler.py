@@ -26,7 +26,6 @@ from ._errors import ConfigError, ConsumerConflictError, NotProvisionedError, Se
 from ._pull import PullLoop, Slots
 from ._ratelimit import RateLimit, check_limit
 from ._retry import RetryPolicy
-from ._sticky import StickyLane, home_subject
 
 log = logging.getLogger("jsworker.handler")
 
@@ -157,8 +156,6 @@ class HandlerRuntime:
         self.draining = asyncio.Event()
         #: grace for the next drain when it is not the worker's (``remove_handler``)
         self.drain_grace: float | None = None
-        #: this worker's sticky consumer of the type and the sweep of the others'
-        self.sticky: StickyLane | None = None
 
     @property
     def task_type(self) -> str:
@@ -209,15 +206,7 @@ class HandlerRuntime:
             )
             await loop.start()
             self.loops.append(loop)
-        await self._start_sticky()
         self._start_heartbeats()
-
-    async def _start_sticky(self) -> None:
-        """Consume this worker's sticky subjects of the type (``sticky.{type}.{worker}.>``
-        on ``STICKY_TASKS``) and sweep the other workers' (docs/sticky-assignment.md)."""
-        lane = StickyLane(self, self.env.sticky)
-        await lane.start()
-        self.sticky = lane
 
     def _start_heartbeats(self) -> None:
         self._hb_task = self.env.supervisor.spawn(f"heartbeat:{self.task_type}", self._heartbeats)
@@ -316,7 +305,11 @@ class HandlerRuntime:
         """The task's subject on ``task.>`` (partitioned streams prefix a partition; a
         sticky task's is its ``Jsworker-Task-Subject`` header)."""
         s = msg.subject
-        return home_subject(s, msg.headers) if s.startswith("sticky.") else s
+        if s.startswith("sticky."):
+            from ._sticky import home_subject  # _sticky builds on this module
+
+            return home_subject(s, msg.headers)
+        return s
 
     def describe(self) -> dict[str, object]:
         """Partitions held, by elastic group (empty when not partitioned)."""
@@ -324,8 +317,6 @@ class HandlerRuntime:
 
     async def stop_pulling(self) -> None:
         await asyncio.gather(*(lp.stop() for lp in self.loops))
-        if self.sticky is not None:
-            await self.sticky.stop_pulling()
 
     async def drain(self, grace: float) -> None:
         """Stop taking tasks, let running ones finish within ``grace`` seconds (their
@@ -345,8 +336,5 @@ class HandlerRuntime:
 
     async def stop(self) -> None:
         await self.stop_pulling()
-        if self.sticky is not None:
-            await self.sticky.stop()  # deletes this worker's sticky consumer
-            self.sticky = None
         await cancel_and_wait(self._hb_task)
         self._hb_task = None

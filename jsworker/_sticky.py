@@ -6,9 +6,9 @@ sticky step (docs/sticky-assignment.md, docs/wire.md "Sticky assignment").
 * The client publishes a sticky task of a bound run on ``sticky.{type}.{worker}.{run}``
   (stream ``STICKY_TASKS``), with ``Jsworker-Task-Subject`` holding the subject it would
   have had otherwise (its *home* subject); an unbound one goes to its home subject.
-* Each worker consumes its own sticky subjects with a consumer of its own per task type
-  (:class:`StickyLane`, part of the handler's runtime), deleted when the handler stops.
-* Every worker sweeps the sticky subjects of its task types (:meth:`StickyLane.sweep`):
+* Each worker consumes its own sticky subjects, ``sticky.*.{worker}.>``, with a consumer
+  of its own (:class:`StickyRuntime`, one of the worker's runtimes), deleted on stop.
+* Every worker sweeps the other workers' sticky subjects (:meth:`StickyRuntime.sweep`):
   a *soft* task whose worker is gone (no fresh directory entry, or no consumer) or has
   not pulled it within ``soft_timeout`` is moved back to its home subject (the binding
   moves when it starts elsewhere); a *hard* task waits, and once its worker has been
@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -35,12 +35,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from . import _names as n
-from ._errors import ConfigError, ConsumerConflictError, NotProvisionedError
-from ._pull import PullLoop
+from ._aio import cancel_and_wait
+from ._env import RuntimeEnv
+from ._errors import ConfigError, NotProvisionedError
+from ._handler import DEFAULT_ACK_WAIT, HandlerRuntime, HandlerSpec
+from ._pull import Slots
+from ._retry import RetryPolicy
 from ._wire import STICKY_WORKER_GONE
-
-if TYPE_CHECKING:
-    from ._handler import HandlerRuntime
 
 log = logging.getLogger("jsworker.sticky")
 
@@ -53,7 +54,7 @@ HOME_HEADER = "Jsworker-Task-Subject"
 #: set by a sweeper on a hard task whose worker is gone: record ``sticky_worker_gone``
 FAILED_HEADER = "Jsworker-Sticky-Failed"
 MODES = ("soft", "hard")
-__all__ = ["STICKY_WORKER_GONE", "StickyLane", "StickySettings", "StickyTask"]
+__all__ = ["STICKY_WORKER_GONE", "StickyRuntime", "StickySettings", "StickyTask"]
 
 DEFAULT_SOFT_TIMEOUT = 10.0
 DEFAULT_HARD_TIMEOUT = 300.0
@@ -75,13 +76,13 @@ def sticky_subject(task_type: str, worker_id: str, run_id: str) -> str:
     return f"sticky.{task_type}.{worker_id}.{run_id}"
 
 
-def sticky_filter(task_type: str, worker_id: str) -> str:
-    return f"sticky.{task_type}.{worker_id}.>"
+def sticky_filter(worker_id: str) -> str:
+    return f"sticky.*.{worker_id}.>"
 
 
-def sticky_consumer(task_type: str, worker_id: str) -> str:
-    """``sticky__{worker_id}__{type}``: one consumer per worker and task type."""
-    return f"sticky__{worker_id}__{task_type}"
+def sticky_consumer(worker_id: str) -> str:
+    """``sticky__{worker_id}``: each worker's own consumer of ``STICKY_TASKS``."""
+    return f"sticky__{worker_id}"
 
 
 def is_sticky_subject(subject: str) -> bool:
@@ -183,94 +184,199 @@ def home_subject(msg_subject: str, headers: dict[str, str] | None) -> str:
     return home
 
 
-# ------------------------------------------------------------ the lane
-class StickyLane:
-    """One handler's sticky side on one worker: the consumer of
-    ``sticky.{type}.{this worker}.>`` and its pull loop (sharing the runtime's credits,
-    leases and executor), and the sweep of every other worker's sticky subjects of
-    this type. Started and deleted with its :class:`~jsworker._handler.HandlerRuntime`."""
+# ------------------------------------------------------------ the runtime
+async def _no_handler(ctx: object) -> None:  # pragma: no cover - never called
+    raise AssertionError("the sticky runtime dispatches to the handlers' runtimes")
 
-    def __init__(self, rt: HandlerRuntime, settings: StickySettings) -> None:
-        self.rt = rt
-        self.settings = settings
-        self.loop: PullLoop | None = None
-        self.consumer = sticky_consumer(rt.task_type, rt.env.worker_id)
+
+#: the sticky runtime's key among a worker's runtimes: never a valid task type
+STICKY_KEY = "*sticky"
+#: the sticky runtime's spec: a constant, so a live change never swaps or re-creates it
+STICKY_SPEC = HandlerSpec(STICKY_KEY, _no_handler, True, DEFAULT_ACK_WAIT, RetryPolicy(), 1)
+
+
+class StickyCredits(Slots):
+    """The sticky pull loop's credits. It asks for messages only while the worker's pool
+    has free credits, but charges the pool only when a message arrives (the handler's
+    runtime takes the credit then), so an idle sticky consumer parks none of the
+    worker's credits. At most the credits of one outstanding request can arrive while
+    the pool has just been filled by others; the handlers' loops then wait until the
+    pool is back above zero."""
+
+    def __init__(self, pool: Slots) -> None:
+        super().__init__(pool.size)
+        self.pool = pool
+        self._root = pool._root  # wake up on the worker pool's changes
+
+    def available(self) -> int:
+        return min(self.free, self.pool.available())
+
+    def give(self, k: int = 1) -> None:
+        if k > 0:
+            self.free += k
+            self.pool._root._changed.set()
+
+
+class StickyRuntime(HandlerRuntime):
+    """The worker's sticky side, one per worker, started with its first handler and
+    drained with its last (like any runtime, by ``Worker._converge``):
+
+    * one consumer of its own, ``sticky__{worker_id}``, filtering
+      ``sticky.*.{worker_id}.>`` on ``STICKY_TASKS``; each task it delivers takes a
+      credit of its handler's pool (and so of the worker's, :class:`StickyCredits`) and
+      runs on the runtime of its type (executor, leases, drain); a task of a type this
+      worker does not handle (any more) goes back to its home subject;
+    * the sweep of the other workers' sticky subjects (the module docstring).
+
+    Its consumer is deleted when it stops, after the sticky tasks it started have
+    settled (an ack to a deleted consumer would be lost)."""
+
+    def __init__(self, env: RuntimeEnv, spec: HandlerSpec = STICKY_SPEC) -> None:
+        super().__init__(env, spec)
+        self.slots = StickyCredits(env.credits)
+        self.settings = env.sticky
+        self.consumer = sticky_consumer(env.worker_id)
+        #: sticky tasks started here and still running on a handler's runtime
+        self.running: dict[asyncio.Task[None], tuple[Msg, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._setup: asyncio.Task[None] | None = None
+        self._moves: set[asyncio.Task[None]] = set()
         #: worker id -> when this worker first saw it gone (monotonic)
         self.gone_since: dict[str, float] = {}
         self.moved = 0
         self.failed = 0
 
     async def start(self) -> None:
-        env = self.rt.env
-        filt = sticky_filter(self.rt.task_type, env.worker_id)
+        """Create the consumer and start pulling. When that fails (server busy,
+        reconnecting) it is retried in the background under the supervisor, with its
+        backoff, instead of failing the worker's handlers; a closed connection fails
+        the worker as any loop's would. The worker starts this runtime before its
+        handlers' (``Worker._wanted``)."""
+        self._start_heartbeats()
+        self._sweeper = self.env.supervisor.spawn("sticky-sweep", self._sweep_loop)
+        try:
+            await self._consume()
+        except Exception as e:
+            log.warning("sticky consumer not created yet (retrying): %s", e)
+            self._setup = self.env.supervisor.spawn("sticky-consumer", self._consume)
+
+    async def _consume(self) -> None:
+        env = self.env
+        filt = sticky_filter(env.worker_id)
         cfg = ConsumerConfig(
             name=self.consumer,
             durable_name=self.consumer,
             filter_subject=filt,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.rt.spec.ack_wait,
+            ack_wait=DEFAULT_ACK_WAIT,
             max_deliver=-1,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=-1,
             max_waiting=512,
             inactive_threshold=INACTIVE_THRESHOLD,
-            description=f"jsworker sticky: {self.rt.task_type} on {env.worker_id}",
+            description=f"jsworker sticky tasks of {env.worker_id}",
         )
         try:
             await env.js.add_consumer(n.STICKY_STREAM, cfg)
-        except nats.js.errors.NotFoundError:
-            raise NotProvisionedError(
-                f"stream {n.STICKY_STREAM} does not exist: run `jsworker kv setup`"
-            ) from None
         except nats.js.errors.APIError as e:
-            raise ConsumerConflictError(
-                f"cannot create the sticky consumer {self.consumer!r} on {n.STICKY_STREAM} "
-                f"(filter {filt!r}): {e.description}"
-            ) from None
-        self.loop = self.rt._pull_loop(
-            n.STICKY_STREAM, self.consumer, self.rt._dispatch, expires=env.pull_expires
+            # The handlers work without it; no sticky task can be published either
+            # without the stream. Said loudly, counted in health, not retried in a loop.
+            problem = (
+                f"stream {n.STICKY_STREAM} does not exist (run `jsworker kv setup`)"
+                if isinstance(e, nats.js.errors.NotFoundError)
+                else f"consumer {self.consumer!r} (filter {filt!r}): {e.description}"
+            )
+            env.health.last_error = f"sticky assignment off: {problem}"
+            log.error("sticky assignment is off on this worker: %s", problem)
+            return
+        if self.draining.is_set():
+            return
+        loop = self._pull_loop(
+            n.STICKY_STREAM, self.consumer, self._dispatch, expires=env.pull_expires
         )
-        await self.loop.start()
-        self._sweeper = env.supervisor.spawn(f"sticky-sweep:{self.rt.task_type}", self._sweep_loop)
+        self.loops.append(loop)
+        await loop.start()
 
-    async def stop_pulling(self) -> None:
-        if self.loop is not None:
-            await self.loop.stop()
+    def _dispatch(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        rt = self.env.runtime_of(parts[1]) if len(parts) == 4 else None
+        if rt is None or rt.ordered or rt.draining.is_set():
+            self.slots.give(1)
+            task = asyncio.create_task(self._send_home(msg))
+            self._moves.add(task)
+            task.add_done_callback(self._moves.discard)
+            return
+        rt.slots.consume(1)  # given back by rt._done when the task has settled
+        task = asyncio.create_task(self.env.executor.execute(rt, msg))
+        now = time.monotonic()
+        rt.inflight[task] = (msg, now)
+        self.running[task] = (msg, now)
+        task.add_done_callback(rt._done)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self.running.pop(task, None)
+        self.slots.give(1)
+
+    def held(self) -> list[tuple[Msg, float]]:
+        # leases on the sticky consumer (AckWait 30 s) are renewed here, whatever the
+        # handler's own ack_wait
+        return list(self.running.values())
+
+    async def _send_home(self, msg: Msg) -> None:
+        """A sticky task this worker cannot run: publish it on its home subject (it
+        binds to whoever runs it), then ack it here."""
+        headers = dict(msg.headers or {})
+        home = home_subject(msg.subject, headers)
+        out = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
+        out[HOME_HEADER] = home
+        out["Nats-Msg-Id"] = f"sticky-move.{msg.metadata.sequence.stream}"
+        try:
+            await self.env.js.publish(home, msg.data, headers=out)
+            await msg.ack()
+        except Exception as e:  # left unacked: redelivered after AckWait
+            log.warning("sticky task %s not sent home: %s", msg.subject, e)
+
+    async def drain(self, grace: float) -> None:
+        self.draining.set()
+        await cancel_and_wait(self._setup)
+        await self.stop_pulling()
+        if self.running:
+            # the handlers' runtimes finish or hand back these within the grace period
+            await asyncio.wait(list(self.running), timeout=grace + 5)
+        if self._moves:
+            await asyncio.wait(list(self._moves), timeout=5)
+        await self.stop()
 
     async def stop(self) -> None:
-        """Stop the sweep and delete this worker's sticky consumer (it is this
-        worker's own: nothing else uses it)."""
-        from ._aio import cancel_and_wait
-
+        await cancel_and_wait(self._setup)
         await cancel_and_wait(self._sweeper)
         self._sweeper = None
-        await self.stop_pulling()
+        await super().stop()
         with contextlib.suppress(Exception):
-            await self.rt.env.js.delete_consumer(n.STICKY_STREAM, self.consumer)
+            await self.env.js.delete_consumer(n.STICKY_STREAM, self.consumer)
 
+    # ------------------------------------------------------------ sweeping
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.check_every)
             await self.sweep()
 
     async def sweep(self) -> None:
-        """Move or fail the sticky tasks of this type whose worker is gone or not
-        pulling (see the module docstring). Several workers sweep at once: a move is
-        published with a dedup id derived from the sticky message's sequence, and the
-        message is then deleted, so a task is moved once."""
+        """Move or fail the sticky tasks whose worker is gone or not pulling (see the
+        module docstring). Several workers sweep at once: a move is published with a
+        dedup id derived from the sticky message's sequence, and the message is then
+        deleted, so a task is moved once."""
         from ._partitions import live_workers
 
-        env = self.rt.env
+        env = self.env
         js = env.js
-        t = self.rt.task_type
         try:
-            info = await js.stream_info(n.STICKY_STREAM, subjects_filter=f"sticky.{t}.>")
+            info = await js.stream_info(n.STICKY_STREAM, subjects_filter="sticky.>")
         except nats.js.errors.NotFoundError:
             return
-        subjects = info.state.subjects or {}
         by_worker: dict[str, list[str]] = {}
-        for subj in subjects:
+        for subj in info.state.subjects or {}:
             parts = subj.split(".")
             if len(parts) == 4 and parts[2] != env.worker_id:
                 by_worker.setdefault(parts[2], []).append(subj)
@@ -293,18 +399,16 @@ class StickyLane:
                 await self._sweep_subject(subj, gone, now - since, delivered or 0)
 
     async def _delivered_upto(self, worker: str) -> int | None:
-        """The last stream sequence ``worker``'s consumer of this type delivered, or
-        ``None`` when it has no such consumer."""
+        """The last stream sequence ``worker``'s sticky consumer delivered, or ``None``
+        when it has none."""
         try:
-            ci = await self.rt.env.js.consumer_info(
-                n.STICKY_STREAM, sticky_consumer(self.rt.task_type, worker)
-            )
+            ci = await self.env.js.consumer_info(n.STICKY_STREAM, sticky_consumer(worker))
         except nats.js.errors.NotFoundError:
             return None
         return ci.delivered.stream_seq if ci.delivered and ci.delivered.stream_seq else 0
 
     async def _sweep_subject(self, subj: str, gone: bool, gone_for: float, delivered: int) -> None:
-        js = self.rt.env.js
+        js = self.env.js
         seq = 1
         while True:
             try:
@@ -336,11 +440,11 @@ class StickyLane:
     async def _move(self, m: Any, headers: dict[str, str], failed: str | None) -> None:
         """Publish the sticky message ``m`` on its home subject (with ``failed`` as
         ``Jsworker-Sticky-Failed``), then delete it from ``STICKY_TASKS``."""
-        js = self.rt.env.js
+        js = self.env.js
         home = home_subject(m.subject, headers)
         out = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
         out[HOME_HEADER] = home
-        out["Nats-Msg-Id"] = f"sticky-move.{m.seq}.{m.subject.split('.')[-1]}"[:250]
+        out["Nats-Msg-Id"] = f"sticky-move.{m.seq}"
         if failed:
             out[FAILED_HEADER] = failed
         await js.publish(home, m.data or b"", headers=out)

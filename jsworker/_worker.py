@@ -46,6 +46,9 @@ from ._sticky import (
     DEFAULT_HARD_TIMEOUT,
     DEFAULT_SOFT_TIMEOUT,
     MAX_HARD_TIMEOUT,
+    STICKY_KEY,
+    STICKY_SPEC,
+    StickyRuntime,
     StickySettings,
 )
 from ._supervisor import Supervisor
@@ -398,6 +401,7 @@ class Worker:
                 executor=executor,
                 on_membership_change=self._refresh_directory,
                 sticky=self.sticky,
+                runtime_of=self._handler_runtime,
             )
             self._directory = Directory(
                 self.nc, self.worker_id, self._describe, sup.spawn, self.heartbeat_interval
@@ -413,9 +417,22 @@ class Worker:
 
     def _runtime_for(self, spec: HandlerSpec) -> HandlerRuntime:
         assert self._env is not None
+        if spec is STICKY_SPEC:
+            return StickyRuntime(self._env)
         if spec.partitions:
             return PartitionedRuntime(self._env, spec)
         return HandlerRuntime(self._env, spec)
+
+    def _handler_runtime(self, task_type: str) -> HandlerRuntime | None:
+        return None if task_type == STICKY_KEY else self._runtimes.get(task_type)
+
+    def _wanted(self) -> dict[str, HandlerSpec]:
+        """The runtimes this worker should run: one per registered handler, plus the
+        sticky runtime (this worker's sticky consumer and sweep) while it has any,
+        first, so its consumer exists before the handlers pull."""
+        if not self._specs:
+            return self._specs
+        return {STICKY_KEY: STICKY_SPEC, **self._specs}
 
     def _describe(self) -> dict[str, Any]:
         held: dict[str, object] = {}
@@ -456,11 +473,12 @@ class Worker:
 
     def _pending_change(self) -> tuple[str, str] | None:
         """The next change that needs I/O: ``("drain" | "start", task_type)``."""
+        wanted = self._wanted()
         for t, rt in self._runtimes.items():
-            spec = self._specs.get(t)
+            spec = wanted.get(t)
             if spec is None or spec.needs_new_consumer != rt.spec.needs_new_consumer:
                 return ("drain", t)
-        for t in self._specs:
+        for t in wanted:
             if t not in self._runtimes:
                 return ("start", t)
         return None
@@ -480,7 +498,7 @@ class Worker:
                     del self._runtimes[t]
                     log.info("handler %s removed from this worker", t)
                 else:
-                    await self._start_runtime(self._specs[t])
+                    await self._start_runtime(self._wanted()[t])
                 await self._refresh_quietly()
                 self._converge()  # swaps registered meanwhile
 
