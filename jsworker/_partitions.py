@@ -13,9 +13,11 @@ For each partitioned task type (and worker group) there is an elastic consumer g
 Unlike orbit.go, members come and go by themselves: a worker adds itself on start and
 removes itself on stop (compare-and-swap on the KV entry, with jittered exponential
 backoff on conflicts), and dead ``worker-…`` members are swept out, then their consumers
-deleted so their partitions can be taken over. The members form a ring in sorted order;
-each one checks the ``worker-…`` members after it up to the first live one, so a round
-costs every member one request whatever the group's size. A member is dead when
+deleted so their partitions can be taken over. Every half second, the first
+``worker-…`` member in sorted order that answers its presence subject judges all
+members after it (one request each) and removes every dead one in one compare-and-swap,
+so a fleet losing several workers at once rebalances once; the others only ask the
+members before them, usually one request. A member is dead when
 
 * its connection is gone (the server answers its presence subject with "no responders",
   see ``_directory.probe``) for ``GONE_GRACE`` seconds, longer than a reconnect; or it
@@ -88,7 +90,7 @@ GONE_GRACE = 5.0
 #: how long a presence request waits for an answer before the member counts as silent
 PROBE_TIMEOUT = 1.0
 #: a round of the sweeper, at most (shorter when the liveness interval is)
-SWEEP_EVERY = 1.0
+SWEEP_EVERY = 0.5
 #: a change of the group's config is acted on once no further change came for this long
 #: (at most ``SETTLE_MAX``): many members joining at once cause one rebalance, not many
 SETTLE = 0.2
@@ -483,18 +485,11 @@ class ElasticMember:
                 # expected through reconnects and leader elections: try at the next round
                 log.debug("sweep of %s failed: %s", self.key, e)
 
-    def watched(self, members: list[str] | tuple[str, ...]) -> list[str]:
-        """The members this one checks, in order: the ring of sorted members starting
-        after this one, ``worker-…`` members only (others are never removed)."""
-        ring = sorted(set(members))
-        if self.me not in ring:
-            return []
-        i = ring.index(self.me)
-        return [m for m in ring[i + 1 :] + ring[:i] if m.startswith("worker-")]
-
     async def sweep(self) -> set[str]:
-        """Check the members after this one in the ring up to the first live one;
-        remove the dead ones from the group and delete their consumers; return them."""
+        """One round of the sweep: the first member (in sorted order) that answers its
+        presence subject judges every member after it and removes the dead ones in one
+        compare-and-swap, then deletes their consumers; every other member only checks
+        that a member before it answers. Returns the members removed."""
         cfg = self.config
         if cfg is None or not cfg.members or self.kv is None:
             return set()
@@ -504,14 +499,19 @@ class ElasticMember:
             self._reconnects = reconnects
             self._gone_since.clear()
             return set()
-        watched = self.watched(cfg.members)
-        for m in set(self._gone_since) - set(watched):
+        if self.me not in cfg.members:
+            return set()
+        before, after = sweep_plan(cfg.members, self.me)
+        verdicts: dict[str, str] = {}
+        for m in before:
+            verdicts[m] = await self.judge(m)
+            if verdicts[m] == "alive":
+                return set()  # a live member before this one sweeps
+        judged = await asyncio.gather(*(self.judge(m) for m in after))
+        verdicts.update(zip(after, judged, strict=True))
+        for m in set(self._gone_since) - set(verdicts):
             del self._gone_since[m]
-        dead: set[str] = set()
-        for m in watched:
-            if await self.is_alive(m):
-                break
-            dead.add(m)
+        dead = {m for m, v in verdicts.items() if v == "dead"}
         if not dead:
             return set()
         log.info("removing dead members %s from %s", sorted(dead), self.key)
@@ -523,24 +523,25 @@ class ElasticMember:
             await self._delete_consumer(m)
         return dead
 
-    async def is_alive(self, member: str) -> bool:
-        """False only when ``member`` is dead by both checks (see the module doc)."""
+    async def judge(self, member: str) -> str:
+        """``"alive"`` (it answered), ``"dead"`` (by both checks, see the module doc) or
+        ``"pending"`` (not answering, not yet judged dead)."""
         state = await probe(self.env.nc, member, PROBE_TIMEOUT)
         if state == "alive":
             self._gone_since.pop(member, None)
-            return True
+            return "alive"
         if state == "gone":
             grace = min(GONE_GRACE, self.env.liveness)
             since = self._gone_since.setdefault(member, time.monotonic())
             if time.monotonic() - since < grace:
-                return True
+                return "pending"
             window = grace
         else:  # silent: stalled, or cut off; only its directory entry's age can tell
             self._gone_since.pop(member, None)
             if await directory_fresh(self.env.js, member, self.env.liveness):
-                return True
+                return "pending"
             window = self.env.liveness
-        return await self._consumer_active(member, window)
+        return "pending" if await self._consumer_active(member, window) else "dead"
 
     async def _consumer_active(self, member: str, window: float) -> bool:
         """A second opinion before removing a member: its consumer still has pull
@@ -584,6 +585,14 @@ class ElasticMember:
         await asyncio.gather(*(cancel_and_wait(t) for t in self._tasks))
         self._tasks = []
         await self._drop_consumer(grace=0)
+
+
+def sweep_plan(members: list[str] | tuple[str, ...], me: str) -> tuple[list[str], list[str]]:
+    """The ``worker-…`` members sorted before and after ``me`` (members added by other
+    tools are never judged). ``me`` sweeps when none of the first list answers."""
+    workers = sorted({m for m in members if m.startswith("worker-")} | {me})
+    i = workers.index(me)
+    return workers[:i], workers[i + 1 :]
 
 
 async def directory_fresh(js: Any, worker_id: str, liveness: float) -> bool:

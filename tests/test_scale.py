@@ -25,7 +25,7 @@ from test_partitions import group_config, read_log, spawn, wait_until
 
 import jsworker
 from jsworker._directory import probe
-from jsworker._partitions import ElasticMember, cas_backoff
+from jsworker._partitions import ElasticMember, cas_backoff, sweep_plan
 from jsworker._pcg_config import ElasticConfig, assignment, partition_filters
 
 TASK_TIME = 0.05
@@ -240,21 +240,22 @@ async def test_probe_tells_alive_gone_and_silent(server_env: dict[str, str]) -> 
         await asker.close()
 
 
-def test_sweep_ring_checks_each_worker_from_one_member() -> None:
+def test_sweep_plan_one_sweeper_judges_everyone_after_it() -> None:
     members = ["worker-c", "orbit-x", "worker-a", "worker-d", "worker-b"]
-
-    def watched(me: str) -> list[str]:
-        m = ElasticMember.__new__(ElasticMember)
-        m.me = me
-        return m.watched(members)
-
-    assert watched("worker-a") == ["worker-b", "worker-c", "worker-d"]
-    assert watched("worker-d") == ["worker-a", "worker-b", "worker-c"]
-    assert watched("orbit-x") == ["worker-a", "worker-b", "worker-c", "worker-d"]
-    assert watched("worker-z") == []  # not a member: checks nobody
-    # the first live member after each one checks it: every worker has exactly one checker
-    firsts = [watched(m)[0] for m in ("worker-a", "worker-b", "worker-c", "worker-d")]
-    assert sorted(firsts) == ["worker-a", "worker-b", "worker-c", "worker-d"]
+    assert sweep_plan(members, "worker-a") == ([], ["worker-b", "worker-c", "worker-d"])
+    assert sweep_plan(members, "worker-c") == (["worker-a", "worker-b"], ["worker-d"])
+    assert sweep_plan(members, "worker-d") == (["worker-a", "worker-b", "worker-c"], [])
+    # members added by other tools are never judged; a non-member sees everyone before it
+    before, after = sweep_plan(members, "worker-b")
+    assert "orbit-x" not in before + after
+    assert sweep_plan(members, "worker-z") == (
+        ["worker-a", "worker-b", "worker-c", "worker-d"],
+        [],
+    )
+    # whoever sweeps, every worker but the first is judged by each member before it
+    for m in ("worker-a", "worker-b", "worker-c", "worker-d"):
+        before, after = sweep_plan(members, m)
+        assert sorted([*before, m, *after]) == ["worker-a", "worker-b", "worker-c", "worker-d"]
 
 
 def test_cas_backoff_grows_with_jitter_and_is_capped() -> None:
