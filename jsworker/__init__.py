@@ -5,6 +5,16 @@ The public API is what this module exports; everything in ``_modules`` is privat
 
 from ._client import Client, StreamItem, TaskHandle, TaskRequest
 from ._context import Outcome, TaskCancelledError, TaskContext, TaskInfo
+from ._dead import (
+    DeadLetter,
+    DeadLetterNotFound,
+    ReplayError,
+    ReplayResult,
+    get_dead,
+    list_dead,
+    purge_dead,
+    replay_dead,
+)
 from ._directory import list_workers
 from ._errors import (
     ConfigError,
@@ -22,11 +32,12 @@ from ._errors import (
     TaskError,
     TaskFailed,
     TaskTimeout,
+    WorkerFailedError,
 )
 from ._provision import ProvisionResult, setup_all, setup_kv_buckets, setup_streams
 from ._retry import RetryPolicy
 from ._server import EmbeddedCluster, EmbeddedServer, find_nats_server
-from ._services import SignalTimeoutError
+from ._services import CorruptValueError, SignalTimeoutError
 from ._stats import WorkerStats
 from ._telemetry import Telemetry
 from ._version import __version__
@@ -36,6 +47,9 @@ __all__ = [
     "Client",
     "ConfigError",
     "ConsumerConflictError",
+    "CorruptValueError",
+    "DeadLetter",
+    "DeadLetterNotFound",
     "EmbeddedCluster",
     "EmbeddedServer",
     "EmbeddedServerError",
@@ -48,6 +62,8 @@ __all__ = [
     "PayloadError",
     "PermanentError",
     "ProvisionResult",
+    "ReplayError",
+    "ReplayResult",
     "RetryPolicy",
     "RetryableError",
     "ServerError",
@@ -63,10 +79,15 @@ __all__ = [
     "TaskTimeout",
     "Telemetry",
     "Worker",
+    "WorkerFailedError",
     "WorkerStats",
     "__version__",
     "find_nats_server",
+    "get_dead",
+    "list_dead",
     "list_workers",
+    "purge_dead",
+    "replay_dead",
     "setup_all",
     "setup_kv_buckets",
     "setup_streams",

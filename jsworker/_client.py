@@ -20,7 +20,7 @@ from . import _names as n
 from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
 from ._services import CHUNK_SEQ, Services
-from ._telemetry import current_traceparent
+from ._telemetry import Telemetry, current_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +155,14 @@ class Client:
     (within the stream's 10 min duplicate window).
     """
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, *, telemetry: Telemetry | None = None) -> None:
+        """``telemetry``: with a tracer provider, every submit is a PRODUCER span whose
+        context the task carries, so the worker's span is its child (default: off; an
+        active span of your own is still propagated)."""
         self.nc = nc
         self.js = nc.jetstream()
         self.services = Services(nc)
+        self.telemetry = telemetry or Telemetry()
 
     def _build(
         self,
@@ -170,35 +174,48 @@ class Client:
         step_id: str | None,
         metadata: Mapping[str, str] | None,
         key: str | None = None,
+        trace: tuple[str, str] | None = None,
     ) -> tuple[str, bytes, str, str, str]:
         n.validate_task_type(task_type)
         if key is not None:
-            n.validate_token(key, "partition key")
+            n.validate_key(key)
         if group is not None:
             n.validate_group(group)
-        run_id = n.validate_token(run_id, "run id") if run_id is not None else n.new_run_id()
-        step_id = n.validate_token(step_id, "step id") if step_id is not None else task_type
-        tp, ts = current_traceparent()
+        run_id = n.validate_run_id(run_id) if run_id is not None else n.new_run_id()
+        step_id = n.validate_step_id(step_id) if step_id is not None else task_type
+        tp, ts = trace if trace is not None else current_traceparent()
         task_id = n.new_task_id()
+        value = w.to_json_value(input, "input")
         body = w.TaskPayload(
             task_id=task_id,
             run_id=run_id,
             step_id=step_id,
             iteration=0,
             attempt=1,
-            input=w.to_json_value(input, "input"),
+            input=value,
             metadata={str(k): str(v) for k, v in (metadata or {}).items()},
             traceparent=tp,
             tracestate=ts,
         ).encode()
-        limit = self.nc.max_payload
-        if limit and len(body) > limit:
-            raise PayloadError(
-                f"task payload is {len(body)} bytes, over the server's max_payload of {limit} "
-                "bytes; store large inputs elsewhere (object store) and pass a reference"
-            )
+        self._check_size(body, value, f"{run_id}.{step_id}.0")
         subject = n.task_subject(task_type, key if key is not None else run_id, group)
         return subject, body, run_id, step_id, task_id
+
+    def _check_size(self, body: bytes, value: Any, msg_id: str) -> None:
+        """Refuse a task the server would refuse: body plus headers over ``max_payload``.
+        (nats-py checks the body only; the server drops the connection of a publisher
+        that sends more, which the caller would see as a timeout.)"""
+        limit = self.nc.max_payload
+        hdrs = w.headers_size({"Nats-Msg-Id": msg_id})
+        if not limit or len(body) + hdrs <= limit:
+            return
+        envelope = len(body) - len(w.dumps(value))
+        raise PayloadError(
+            f"task payload is {len(body)} bytes plus {hdrs} bytes of headers, over the "
+            f"server's max_payload of {limit} bytes: the input (as JSON) can be at most "
+            f"{max(0, limit - hdrs - envelope)} bytes here; store large inputs elsewhere "
+            "(object store) and pass a reference"
+        )
 
     async def submit(
         self,
@@ -216,12 +233,44 @@ class Client:
 
         ``key`` is the partition key for partitioned handlers (tasks with one key run
         one at a time, in order); it defaults to the run id. It becomes the subject's
-        last token, so it follows the same naming rules.
+        last token, so it follows the same naming rules. ``run_id``, ``step_id`` (default:
+        the task type) and ``key`` are subject tokens of at most 128 characters
+        (docs/wire.md, "Limits").
 
-        Raises ``InvalidNameError`` for bad names, ``PayloadError`` for non-JSON or
-        oversized input, ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
+        Raises ``InvalidNameError`` for bad names, ``PayloadError`` for input that is not
+        JSON (``NaN`` and infinities included) or does not fit in the server's
+        ``max_payload`` with its envelope and headers (the message gives the largest
+        input that fits), ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
         ``stream=True`` subscribes to the task's partial results before publishing, so
         ``handle.stream()`` sees every chunk."""
+        producer = self.telemetry.start_producer(task_type, group)
+        if producer is None:
+            return await self._submit(
+                task_type, input, group, run_id, step_id, metadata, stream, key
+            )
+        span, trace = producer
+        try:
+            handle = await self._submit(
+                task_type, input, group, run_id, step_id, metadata, stream, key, trace
+            )
+        except BaseException as e:
+            Telemetry.end_producer(span, error=e)
+            raise
+        Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
+        return handle
+
+    async def _submit(
+        self,
+        task_type: str,
+        input: Any,
+        group: str | None,
+        run_id: str | None,
+        step_id: str | None,
+        metadata: Mapping[str, str] | None,
+        stream: bool,
+        key: str | None,
+        trace: tuple[str, str] | None = None,
+    ) -> TaskHandle:
         subject, body, run_id, step_id, task_id = self._build(
             task_type,
             input,
@@ -230,6 +279,7 @@ class Client:
             step_id=step_id,
             metadata=metadata,
             key=key,
+            trace=trace,
         )
         chunk_sub = None
         if stream:
@@ -281,11 +331,16 @@ class Client:
         self, tasks: Iterable[TaskRequest], *, window: int = 256
     ) -> list[TaskHandle]:
         """Submit many tasks with up to ``window`` publishes in flight; returns handles in
-        order. Every task is validated before anything is published."""
-        built = [
-            (
-                t,
-                self._build(
+        order. Every task is validated before anything is published. With tracing on,
+        each task gets its own producer span."""
+        built = []
+        spans: list[Any] = []
+        try:
+            for t in tasks:
+                producer = self.telemetry.start_producer(t.task_type, t.group)
+                if producer is not None:
+                    spans.append(producer[0])
+                b = self._build(
                     t.task_type,
                     t.input,
                     group=t.group,
@@ -293,21 +348,31 @@ class Client:
                     step_id=t.step_id,
                     key=t.key,
                     metadata=t.metadata,
-                ),
-            )
-            for t in tasks
-        ]
+                    trace=producer[1] if producer is not None else None,
+                )
+                built.append((t, b, producer[0] if producer is not None else None))
+        except BaseException as e:
+            for span in spans:
+                Telemetry.end_producer(span, error=e)
+            raise
         sem = asyncio.Semaphore(window)
 
-        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str]) -> TaskHandle:
+        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str], span: Any) -> TaskHandle:
             subject, body, run_id, step_id, task_id = b
-            async with sem:
-                ack = await self._publish(subject, body, f"{run_id}.{step_id}.0")
+            try:
+                async with sem:
+                    ack = await self._publish(subject, body, f"{run_id}.{step_id}.0")
+            except BaseException as e:
+                if span is not None:
+                    Telemetry.end_producer(span, error=e)
+                raise
+            if span is not None:
+                Telemetry.end_producer(span, run_id=run_id, subject=subject)
             return TaskHandle(
                 self, t.task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
             )
 
-        return list(await asyncio.gather(*(one(t, b) for t, b in built)))
+        return list(await asyncio.gather(*(one(t, b, span) for t, b, span in built)))
 
     async def run_events(
         self, run_id: str, *, timeout: float | None = None

@@ -1,10 +1,10 @@
-"""The pull loop's slot accounting against statuses from a real server."""
+"""The pull loop's credit accounting against statuses from a real server."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -13,29 +13,46 @@ from jsworker import _names as n
 from jsworker._pull import NO_RESPONDERS_PAUSE, PullLoop, Slots
 
 
-async def test_no_responders_gives_slots_back_and_pulls_again(
+async def test_no_responders_gives_credits_back_and_pulls_again(
     nc: NATS, unique: Callable[[str], str]
 ) -> None:
     """A consumer with no leader (a cluster failover; here: no consumer at all) answers
-    pull requests with status 503. Each ends its request: its slots come back and the
+    pull requests with status 503. Each ends its request: its credits come back and the
     loop pulls again, after a pause rather than in a tight loop. (A 503 used to drop the
-    request but keep its slots: with all of them held, the loop never pulled again.)"""
+    request but keep its credits: with all of them held, the loop never pulled again.)"""
     got: list[Msg] = []
-    slots = Slots(4)
-    loop = PullLoop(nc, n.TASK_STREAM, unique("nobody"), slots, got.append, batch=4)
-    t0 = time.monotonic()
+    statuses: list[tuple[str, float]] = []
+
+    async def on_status(code: str, desc: str, msg: Msg) -> None:
+        statuses.append((code, time.monotonic()))
+
+    def spawn(name: str, fn: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        async def run() -> None:
+            await fn()
+
+        return asyncio.create_task(run(), name=name)
+
+    credits = Slots(4)
+    loop = PullLoop(
+        nc,
+        n.TASK_STREAM,
+        unique("nobody"),
+        credits,
+        got.append,
+        spawn=spawn,
+        batch=4,
+        on_status=on_status,
+    )
     await loop.start()
     try:
-        deadline = t0 + 20
-        while loop.stats.statuses.get("503", 0) < 4:
-            assert time.monotonic() < deadline, (loop.stats, loop.outstanding, slots.free)
+        deadline = time.monotonic() + 20
+        while len(statuses) < 4:
+            assert time.monotonic() < deadline, (statuses, loop.outstanding, credits.free)
             await asyncio.sleep(0.05)
-        took = time.monotonic() - t0
     finally:
         await loop.stop()
-    assert loop.error is None
     assert got == []
-    assert loop.stats.statuses.keys() == {"503"}
-    # four requests, at least one pause between them
-    assert took >= NO_RESPONDERS_PAUSE
-    assert loop.outstanding == 0 and slots.free == slots.size
+    assert {code for code, _ in statuses} == {"503"}
+    # pulled again after each, with at least one pause in between
+    assert statuses[3][1] - statuses[0][1] >= NO_RESPONDERS_PAUSE
+    assert loop.outstanding == 0 and credits.free == credits.size
