@@ -3,7 +3,7 @@
 * ``_connect``: the root's connection options, connecting, error mapping (``run``);
 * ``_output`` / ``_input``: rich and JSON output, JSON arguments;
 * ``_kv``, ``_serve`` (+ ``_importer``), ``_dev`` (+ ``_demo``), ``_task``,
-  ``_signal``, ``_workers``, ``_partitions``: the commands.
+  ``_signal``, ``_workers``, ``_partitions``, ``_repl``, ``_kernel``: the commands.
 
 Errors the user can act on are one red line on stderr and exit code 1; usage errors
 exit 2. Signal handlers are installed only here (``serve``, ``dev``), never by the
@@ -17,8 +17,10 @@ import click
 from .._version import __version__
 from ._connect import ConnOptions, connection_options
 from ._dev import dev
+from ._kernel import kernel_group
 from ._kv import kv_group
 from ._partitions import partitions_group
+from ._repl import repl
 from ._serve import serve
 from ._signal import signal_group
 from ._task import task_group
@@ -75,7 +77,17 @@ def cli(
     )
 
 
-for command in (kv_group, serve, dev, task_group, workers, signal_group, partitions_group):
+for command in (
+    kv_group,
+    serve,
+    dev,
+    task_group,
+    workers,
+    signal_group,
+    partitions_group,
+    repl,
+    kernel_group,
+):
     cli.add_command(command)
 
 
