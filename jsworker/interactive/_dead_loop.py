@@ -77,7 +77,8 @@ class Trial:
 
     @property
     def passing(self) -> list[TrialRow]:
-        return [r for r in self.rows if r.passed]
+        """Rows the function now handles and that hold a task to re-submit."""
+        return [r for r in self.rows if r.passed and r.dead.replayable]
 
     async def replay(self, *, dry_run: bool = False) -> list[ReplayResult]:
         """Re-submit, for real, every dead letter the function now handles (the
@@ -148,8 +149,8 @@ async def try_dead(
     n.validate_task_type(task_type)
     if not isinstance(last, int) or last < 1:
         raise ConfigError(f"last must be an int >= 1, got {last!r}")
-    dead = await list_dead(session.nc, task_type=task_type)
-    rows = [await _run_one(fn, dl) for dl in dead[-last:]]
+    dead = await list_dead(session.nc, task_type=task_type, limit=last)
+    rows = [await _run_one(fn, dl) for dl in dead]
     name = getattr(fn, "__qualname__", repr(fn))
     return Trial(session, task_type, name, rows)
 
@@ -168,13 +169,15 @@ async def _run_one(fn: Callable[..., Any], dl: DeadLetter) -> TrialRow:
         run_id=run_id,
         step_id=step_id,
         attempt=1,
-        iteration=0,
+        iteration=dl.iteration,
         metadata=meta,
-        group=None,
-        subject=dl.subject,
+        group=dl.group,
+        subject=dl.task_subject or dl.subject,
         stream_sequence=dl.seq,
     )
-    payload = w.TaskPayload(info.task_id, run_id, step_id, input=_input(dl), metadata=meta)
+    payload = w.TaskPayload(
+        info.task_id, run_id, step_id, iteration=dl.iteration, input=_input(dl), metadata=meta
+    )
     stub = _NoWire()
     ctx = TaskContext(info, payload, cast(Any, stub), cast(Any, stub), asyncio.get_running_loop())
     t0 = time.monotonic()

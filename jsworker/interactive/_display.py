@@ -305,7 +305,7 @@ async def live(session: Session, every: float = 1.0) -> LiveView:
 
     view = LiveView(session, every)
     first = await take_snapshot(session)
-    handle = display(first, display_id=True)
+    handle = display(first, display_id=True)  # type: ignore[no-untyped-call]
     view.task = asyncio.get_running_loop().create_task(view._loop(handle), name="jsworker-live")
     return view
 

@@ -16,7 +16,9 @@ DEFAULT_NAME = "jsworker"
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-def kernel_spec(url: str | None, group: str | None = None, name: str = DEFAULT_NAME) -> dict[str, Any]:
+def kernel_spec(
+    url: str | None, group: str | None = None, name: str = DEFAULT_NAME
+) -> dict[str, Any]:
     """The ``kernel.json`` content: this Python, ipykernel, ``--ext jsworker``, and the
     URL in the environment (the extension connects before the first cell runs)."""
     env = {URL_ENV: url or EMBEDDED}

@@ -28,7 +28,9 @@ from ._session import Session, connect
 
 _MOD = "jsworker.interactive._magics"
 _REF = f"__import__({_MOD!r}, fromlist=['_'])"
-_LINE = re.compile(r"^(?P<indent>[ \t]*)(?:(?P<target>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*)?%jsworker\b(?P<args>.*)$")
+_LINE = re.compile(
+    r"^(?P<indent>[ \t]*)(?:(?P<target>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*)?%jsworker\b(?P<args>.*)$"
+)
 _AFTER = f"await {_REF}.after_cell()"
 _BEFORE = f"await {_REF}.before_cell()"
 
@@ -60,10 +62,10 @@ def attach(session: Session) -> None:
     """Make ``session`` this kernel's session (``connect()`` calls it inside IPython)."""
     state.session = session
     try:
-        from IPython import get_ipython
+        from IPython.core.getipython import get_ipython
     except ImportError:  # pragma: no cover - only called when IPython is loaded
         return
-    ip = get_ipython()
+    ip = get_ipython()  # type: ignore[no-untyped-call]
     if ip is not None:
         install(ip)
 

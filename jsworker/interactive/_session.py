@@ -308,7 +308,7 @@ class Session:
 
     def handlers(self) -> list[dict[str, Any]]:
         """The worker's handlers (``Worker.handler_info()``)."""
-        return self.worker.handler_info()
+        return list(self.worker.handler_info())
 
     async def snapshot(self) -> Any:
         """Everything the displays show, read now (see :mod:`._display`)."""
