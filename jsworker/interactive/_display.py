@@ -271,8 +271,7 @@ class LiveView:
         self.updates = 0
         self.error: str | None = None
 
-    async def _loop(self, handle: Any) -> None:
-        last = ""
+    async def _loop(self, handle: Any, last: str) -> None:
         while not self.session.closed:
             try:
                 snap = await take_snapshot(self.session)
@@ -306,7 +305,9 @@ async def live(session: Session, every: float = 1.0) -> LiveView:
     view = LiveView(session, every)
     first = await take_snapshot(session)
     handle = display(first, display_id=True)  # type: ignore[no-untyped-call]
-    view.task = asyncio.get_running_loop().create_task(view._loop(handle), name="jsworker-live")
+    view.task = asyncio.get_running_loop().create_task(
+        view._loop(handle, first._repr_html_()), name="jsworker-live"
+    )
     return view
 
 
