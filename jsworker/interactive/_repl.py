@@ -134,7 +134,10 @@ class Repl:
         lines: list[str] = []
         while True:
             try:
-                line = await self.prompt.prompt_async(PS2 if lines else PS1)
+                # stdout is patched only while the prompt is shown: prints from tasks
+                # then go above the prompt; a statement's own output is written at once
+                with patch_stdout(raw=True):
+                    line = await self.prompt.prompt_async(PS2 if lines else PS1)
             except KeyboardInterrupt:
                 print("KeyboardInterrupt")
                 lines = []
@@ -145,6 +148,10 @@ class Repl:
                     print()
                     continue
                 return None
+            except Exception as e:  # e.g. a key racing the prompt's exit; keep the REPL
+                print(f"prompt error: {type(e).__name__}: {e}", file=sys.stderr)
+                lines = []
+                continue
             lines.append(line)
             source = "\n".join(lines)
             try:
@@ -155,14 +162,13 @@ class Repl:
                 return source
 
     async def run(self) -> None:
-        with patch_stdout(raw=True):
-            while True:
-                source = await self.read()
-                if source is None:
-                    return
-                if not source.strip():
-                    continue
-                await self.execute(source)
+        while True:
+            source = await self.read()
+            if source is None:
+                return
+            if not source.strip():
+                continue
+            await self.execute(source)
 
     async def execute(self, source: str) -> None:
         """Run one statement; print its errors (never raise)."""
@@ -193,8 +199,9 @@ class Repl:
                 self._show_exception(skip=0, brief=True)
 
     async def _run_async(self, code: Any) -> None:
-        coro = eval(code, self.ns)
-        task: asyncio.Task[Any] = asyncio.ensure_future(_awaited(coro))
+        # the statement's own coroutine is the task (a wrapper cancelled before its
+        # first step would leave it never awaited)
+        task: asyncio.Task[Any] = asyncio.ensure_future(eval(code, self.ns))
         loop = asyncio.get_running_loop()
         previous = signal.getsignal(signal.SIGINT)
         loop.add_signal_handler(signal.SIGINT, task.cancel)
@@ -213,10 +220,6 @@ class Repl:
             if tb is not None:
                 tb = tb.tb_next
         traceback.print_exception(et, e, tb)
-
-
-async def _awaited(aw: Awaitable[Any]) -> Any:
-    return await aw
 
 
 @contextlib.contextmanager
