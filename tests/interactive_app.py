@@ -19,7 +19,7 @@ import jsworker
 
 def make_worker(nc: NATS) -> jsworker.Worker:
     task_type = os.environ["JSW_ACC_TYPE"]
-    log = open(os.environ["JSW_ACC_LOG"], "a", buffering=1)  # noqa: SIM115 - process lifetime
+    log = open(os.environ["JSW_ACC_LOG"], "a", buffering=1)
     work = float(os.environ.get("JSW_ACC_WORK", "0.002"))
     worker = jsworker.Worker(
         nc, partitions=8, heartbeat_interval=1.0, ack_wait=5.0, grace_period=10
