@@ -54,6 +54,26 @@ class Snapshot:
     recent: list[RecentOutcome]
     taken_at: float = field(default_factory=time.time)
 
+    def __repr__(self) -> str:
+        lines = [
+            f"worker {self.worker_id} {self.state} on {self.url}"
+            + (f" group {self.group}" if self.group else "")
+            + f", in flight {self.in_flight}"
+        ]
+        for h in self.handlers:
+            lines.append(
+                f"  handler {h.get('task_type')} v{h.get('version')} ({_mode(h)}) "
+                f"held {_held(h)}"
+            )
+        for m in self.maps:
+            lines.append(
+                f"  map {m.task_type}: {len(m.members)} members "
+                + ", ".join(f"{k}={_ranges(v)}" for k, v in sorted(m.members.items()))
+                if not m.error
+                else f"  map {m.task_type}: {m.error}"
+            )
+        return "\n".join(lines)
+
     # ------------------------------------------------------------- notebook
     def _repr_html_(self) -> str:
         e = html.escape

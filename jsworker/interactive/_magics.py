@@ -241,10 +241,32 @@ def _number(text: str, what: str) -> float:
     return v
 
 
+_VAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
+
+
+def _expand(line: str) -> str:
+    """``$name`` / ``$name.attr`` from the notebook's namespace (as IPython's own magics
+    do; ``{...}`` is left alone, so JSON arguments stay as typed)."""
+    if state.shell is None or "$" not in line:
+        return line
+    ns = state.shell.user_ns
+
+    def value(m: re.Match[str]) -> str:
+        head, *attrs = m.group(1).split(".")
+        if head not in ns:
+            raise ConfigError(f"${head} is not defined in the notebook")
+        v = ns[head]
+        for a in attrs:
+            v = getattr(v, a)
+        return shlex.quote(str(v))
+
+    return _VAR.sub(value, line)
+
+
 async def run_magic(line: str) -> Any:
     """Run one ``%jsworker`` line; what it returns is the cell's value."""
     try:
-        args = shlex.split(line)
+        args = shlex.split(_expand(line))
     except ValueError as e:
         raise ConfigError(f"cannot parse `%jsworker {line}`: {e}") from None
     if not args or args[0] in ("help", "-h", "--help"):
