@@ -77,6 +77,21 @@ async def test_define_submit_redefine_in_cells(
     await kernel.ok("%jsworker close")
 
 
+async def test_kernel_shutdown_leaves_the_directory(
+    server: EmbeddedServer, nc: NATS, unique: Callable[[str], str]
+) -> None:
+    k = await Kernel(kernel_env(server)).start()
+    try:
+        await k.ok("%load_ext jsworker")
+        await k.ok(f"%jsworker connect {server.url}")
+        wid = (await k.ok("session.worker.worker_id")).text.strip("'")
+        await k.ok(f"session.handle({unique('sd')!r}, lambda ctx: 1, partitions=2)")
+        assert wid in {w["worker_id"] for w in await jsworker.list_workers(nc)}
+    finally:
+        await k.stop()  # a shutdown request, as Jupyter sends it
+    assert wid not in {w["worker_id"] for w in await jsworker.list_workers(nc)}
+
+
 async def test_consumer_failure_raises_in_the_defining_cell(
     kernel: Kernel, server: EmbeddedServer, nc: NATS, unique: Callable[[str], str]
 ) -> None:

@@ -62,8 +62,7 @@ class Snapshot:
         ]
         for h in self.handlers:
             lines.append(
-                f"  handler {h.get('task_type')} v{h.get('version')} ({_mode(h)}) "
-                f"held {_held(h)}"
+                f"  handler {h.get('task_type')} v{h.get('version')} ({_mode(h)}) held {_held(h)}"
             )
         for m in self.maps:
             lines.append(

@@ -18,6 +18,7 @@ run their body through a nested synchronous ``run_cell``.
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import re
 import shlex
@@ -101,6 +102,46 @@ def install(ip: Any) -> None:
     # a plain line magic too: `%lsmagic` lists it and `%jsworker?` shows the help; the
     # transformer above rewrites every `%jsworker` line before this could run
     ip.register_magic_function(_sync_magic, "line", "jsworker")
+    _close_on_kernel_shutdown(ip)
+
+
+def _close_on_kernel_shutdown(ip: Any) -> None:
+    """A kernel shut down from Jupyter (or a restart) closes the session first, on the
+    kernel's loop, so its partitions are handed back at once instead of after the
+    liveness timeout. ipykernel has no shutdown hook for extensions, so this wraps
+    this kernel instance's ``do_shutdown`` (nothing else is touched)."""
+    kernel = getattr(ip, "kernel", None)
+    original = getattr(kernel, "do_shutdown", None)
+    if original is None or getattr(original, "_jsworker", False):
+        return
+
+    async def do_shutdown(restart: bool) -> Any:
+        s = state.session
+        if s is not None and not s.closed:
+            try:
+                await _close_on_its_loop(s)
+            except Exception as e:  # the kernel must still shut down
+                print(f"jsworker: closing the session failed: {e}")
+        result = original(restart)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    do_shutdown._jsworker = True  # type: ignore[attr-defined]
+    kernel.do_shutdown = do_shutdown
+
+
+async def _close_on_its_loop(s: Session) -> None:
+    """ipykernel handles shutdown requests on its control thread's loop; the session
+    lives on the shell's loop, so it is closed there."""
+    import asyncio
+
+    here = asyncio.get_running_loop()
+    if s.loop is here or s.loop.is_closed() or not s.loop.is_running():
+        await s.close()
+        return
+    fut = asyncio.run_coroutine_threadsafe(s.close(), s.loop)
+    await asyncio.wait_for(asyncio.wrap_future(fut), s.worker.grace_period + 10)
 
 
 def _sync_magic(line: str) -> None:

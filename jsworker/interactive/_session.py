@@ -103,6 +103,8 @@ class Session:
         self.url = url
         self.group = group
         self.server = server
+        #: the loop the worker runs on (the kernel's or the REPL's)
+        self.loop = asyncio.get_running_loop()
         self.recent: collections.deque[RecentOutcome] = collections.deque(maxlen=RECENT)
         self._versions: dict[str, int] = {}
         self._dirty = False
@@ -186,7 +188,9 @@ class Session:
                 )
             )
 
-        if inspect.iscoroutinefunction(fn):
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - objects with an async __call__
+        ):
 
             @functools.wraps(fn)
             async def arun(ctx: TaskContext) -> Any:
