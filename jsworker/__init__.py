@@ -36,7 +36,7 @@ from ._errors import (
 from ._provision import ProvisionResult, setup_all, setup_kv_buckets, setup_streams
 from ._retry import RetryPolicy
 from ._server import EmbeddedCluster, EmbeddedServer, find_nats_server
-from ._services import SignalTimeoutError
+from ._services import CorruptValueError, SignalTimeoutError
 from ._stats import WorkerStats
 from ._telemetry import Telemetry
 from ._version import __version__
@@ -61,6 +61,7 @@ __all__ = [
     "Client",
     "ConfigError",
     "ConsumerConflictError",
+    "CorruptValueError",
     "DeadLetter",
     "DeadLetterNotFound",
     "EmbeddedCluster",

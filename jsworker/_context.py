@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from ._duration import Duration, seconds
 from ._errors import OutcomeAlreadySetError, TaskError
 from ._retry import clamp_retry_after
+from ._services import CorruptValueError
 from ._wire import JSON, TaskPayload, to_json_value
 
 if TYPE_CHECKING:
@@ -180,8 +181,13 @@ class TaskContext:
         self._checkpointed = True
 
     async def load_checkpoint(self) -> Any:
-        """The last saved checkpoint, or ``None``."""
-        state = await self._services.load_checkpoint(self.info)
+        """The last saved checkpoint, or ``None``. Raises :class:`CorruptValueError` when
+        the stored value is not JSON (it is still deleted when the task finishes)."""
+        try:
+            state = await self._services.load_checkpoint(self.info)
+        except CorruptValueError:
+            self._checkpointed = True
+            raise
         if state is not None:
             self._checkpointed = True
         return state
@@ -189,7 +195,8 @@ class TaskContext:
     async def wait_for_signal(self, name: str, timeout: Duration) -> Any:
         """Wait for signal ``name`` of this run (sent before or after this call).
 
-        ``timeout`` must be in (0, 1 h]; raises :class:`SignalTimeoutError` when it passes.
+        ``timeout`` must be in (0, 1 h]; raises :class:`SignalTimeoutError` when it passes
+        and :class:`CorruptValueError` when the signal's value is not JSON.
         """
         t = seconds(timeout, name="timeout", maximum=3600.0)
         return await self._services.wait_for_signal(self.info.run_id, name, t, self)
