@@ -8,6 +8,7 @@ import os
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from interactive_helpers import Kernel
@@ -194,3 +195,54 @@ async def test_live_display_updates_as_handlers_change(
     assert f"partition map {t}" in html and "(this session)" in html
     await kernel.ok("view.stop(); await session.close()")
     assert json.dumps(updates[-1])  # a plain JSON-able bundle
+
+
+async def test_sigkilled_kernel_is_swept_by_liveness(
+    server: EmbeddedServer, nc: NATS, unique: Callable[[str], str]
+) -> None:
+    import signal
+    import time
+
+    from interactive_helpers import wait_for
+
+    from jsworker.cli._partitions import group_view
+
+    t = unique("kill")
+    other = jsworker.Worker(nc, partitions=4, heartbeat_interval=1.0)
+    other.handle(t, lambda ctx: "other")
+    await other.start()
+    k = await Kernel(kernel_env(server)).start()
+    try:
+
+        async def members() -> list[str]:
+            return list((await group_view(nc, t))["members"])
+
+        await k.ok(
+            "import jsworker.interactive as jsi\n"
+            f"session = await jsi.connect({server.url!r}, heartbeat_interval=1.0)"
+        )
+        kid = (await k.ok("session.worker.worker_id")).text.strip("'")
+        await k.ok(f"session.handle({t!r}, lambda ctx: 'kernel', partitions=4)")
+        await wait_for(lambda: _has(members, 2), 30, "the kernel in the group")
+        await k.km.signal_kernel(signal.SIGKILL)
+        killed = time.monotonic()
+        await wait_for(lambda: _only(members, other.worker_id), 60, "the kernel swept")
+        print(f"\nSIGKILLed kernel swept from the group after {time.monotonic() - killed:.1f} s")
+        assert kid not in await members()
+        outs = {
+            await (await jsworker.Client(nc).submit(t, key=f"k{i}")).result(timeout=30)
+            for i in range(8)
+        }
+        assert outs == {"other"}
+    finally:
+        k.kc.stop_channels()
+        await k.km.shutdown_kernel(now=True)
+        await other.stop()
+
+
+async def _has(members: Callable[[], Any], n: int) -> bool:
+    return len(await members()) == n
+
+
+async def _only(members: Callable[[], Any], wid: str) -> bool:
+    return list(await members()) == [wid]
