@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
@@ -95,3 +97,21 @@ async def wait_for(pred: Callable[[], Awaitable[Any]], timeout: float, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+SERVE = [
+    sys.executable,
+    "-m",
+    "jsworker.cli",
+    "serve",
+    "interactive_app:make_worker",
+    "--app-dir",
+    str(Path(__file__).resolve().parent),
+]
+
+
+async def spawn_serve(env: dict[str, str]) -> asyncio.subprocess.Process:
+    """``jsworker serve interactive_app:make_worker`` (tests/interactive_app.py)."""
+    return await asyncio.create_subprocess_exec(
+        *SERVE, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )

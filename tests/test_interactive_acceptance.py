@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 
 import nats
 import pytest
-from interactive_helpers import Kernel, wait_for
+from interactive_helpers import Kernel, spawn_serve, wait_for
 from nats.aio.client import Client as NATS
 
 import jsworker
@@ -59,21 +58,6 @@ async def members(nc: NATS, ttype: str) -> tuple[int, bool]:
         return 0, False
     served = all(p["member"] and p["consuming"] for p in view["partitions"])
     return len(view["members"]), served and len(view["partitions"]) == PARTITIONS
-
-
-async def spawn_serve(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jsworker.cli",
-        "serve",
-        "interactive_app:make_worker",
-        "--app-dir",
-        str(ROOT / "tests"),
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
 
 
 @pytest.mark.timeout(600)

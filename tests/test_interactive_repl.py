@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -218,3 +219,82 @@ def test_bad_url_is_one_line(screen_factory: Callable[..., Screen]) -> None:
     assert "Traceback" not in out
     s.p.close()
     assert s.p.exitstatus == 1
+
+
+def test_repl_joins_a_partitioned_cluster(
+    fresh_server: EmbeddedServer,
+    screen_factory: Callable[..., Screen],
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Two `jsworker serve` processes serve T with 8 partitions; the REPL joins (3
+    members), its outputs switch v1 -> v2 on redefinition, then it leaves (2 members)."""
+    from interactive_helpers import SERVE, wait_for
+
+    from jsworker.cli._partitions import group_view
+
+    t = unique("rj")
+    env = repl_env(tmp_path)
+    env.update(NATS_URL=fresh_server.url, JSW_ACC_TYPE=t, JSW_ACC_LOG=str(tmp_path / "s.log"))
+
+    async def setup() -> None:
+        nc = await nats.connect(fresh_server.url)
+        await jsworker.setup_all(nc)
+        await nc.close()
+
+    async def members_are(n: int) -> None:
+        nc = await nats.connect(fresh_server.url)
+        try:
+            await wait_for(lambda: _members(nc, t, n), 60, f"{n} members")
+        finally:
+            await nc.close()
+
+    async def _members(nc: object, ttype: str, n: int) -> bool:
+        try:
+            view = await group_view(nc, ttype)  # type: ignore[arg-type]
+        except Exception:
+            return False
+        return len(view["members"]) == n and all(p["consuming"] for p in view["partitions"])
+
+    asyncio.run(setup())
+    procs = [
+        subprocess.Popen(SERVE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    try:
+        asyncio.run(members_are(2))
+        s = screen_factory("repl", "--url", fresh_server.url, "--no-banner")
+        s.expect(PROMPT)
+        s.statement(
+            f"@handle({t!r}, partitions=8)",
+            "async def h(ctx):",
+            "    return {'v': 'repl-v1'}",
+        )
+        asyncio.run(members_are(3))
+        batch = (
+            f"outs = [await (await submit({t!r}, {{'k': f'k{{i}}', 'i': i}}, key=f'k{{i}}'))"
+            ".result(timeout=30) for i in range(32)]"
+        )
+        s.statement(batch)
+        out = s.statement("sorted({o['v'] for o in outs})")
+        assert "'repl-v1'" in out and "'serve'" in out
+        s.statement(
+            f"@handle({t!r}, partitions=8)",
+            "async def h(ctx):",
+            "    return {'v': 'repl-v2'}",
+        )
+        s.statement(batch)
+        out = s.statement("sorted({o['v'] for o in outs})")
+        assert "'repl-v2'" in out and "'repl-v1'" not in out
+        s.statement(f"await remove({t!r})")
+        asyncio.run(members_are(2))
+        s.statement(batch)
+        out = s.statement("sorted({o['v'] for o in outs})")
+        assert "['serve']" in out
+        s.p.sendeof()
+        s.expect(pexpect.EOF)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
