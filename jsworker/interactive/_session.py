@@ -106,7 +106,6 @@ class Session:
         #: the loop the worker runs on (the kernel's or the REPL's)
         self.loop = asyncio.get_running_loop()
         self.recent: collections.deque[RecentOutcome] = collections.deque(maxlen=RECENT)
-        self._versions: dict[str, int] = {}
         self._dirty = False
         self._closed = False
 
@@ -135,12 +134,14 @@ class Session:
 
             return deco
         self._check_open()
-        wrapped = self._recording(task_type, fn)
+        # the worker numbers versions 1, 2, ... per registered type; the wrapper records
+        # the one this registration will get
+        current = {h["task_type"]: h["version"] for h in self.worker.handler_info()}
+        wrapped = self._recording(task_type, fn, int(current.get(task_type, 0)) + 1)
         if singleton:
             self.worker.handle_singleton(task_type, wrapped, **options)
         else:
             self.worker.handle(task_type, wrapped, **options)
-        self._versions[task_type] = self._versions.get(task_type, 0) + 1
         self._dirty = True
         return fn
 
@@ -151,7 +152,6 @@ class Session:
         handle."""
         self._check_open()
         await self.worker.remove_handler(task_type)
-        self._versions.pop(task_type, None)
 
     @property
     def pending(self) -> bool:
@@ -165,10 +165,11 @@ class Session:
         if not self._closed:
             await self.worker.sync()
 
-    def _recording(self, task_type: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _recording(
+        self, task_type: str, fn: Callable[..., Any], version: int
+    ) -> Callable[..., Any]:
         """``fn`` wrapped to record each execution in :attr:`recent` (for the displays).
         Async stays async and sync stays sync, so the worker runs it as it would ``fn``."""
-        version = self._versions.get(task_type, 0) + 1
         recent = self.recent
 
         def note(ctx: TaskContext, t0: float, kind: str, detail: str) -> None:
