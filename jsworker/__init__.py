@@ -32,6 +32,7 @@ from ._errors import (
     TaskError,
     TaskFailed,
     TaskTimeout,
+    WorkerFailedError,
 )
 from ._provision import ProvisionResult, setup_all, setup_kv_buckets, setup_streams
 from ._retry import RetryPolicy
@@ -93,6 +94,7 @@ __all__ = [
     "TaskTimeout",
     "Telemetry",
     "Worker",
+    "WorkerFailedError",
     "WorkerStats",
     "__version__",
     "find_nats_server",

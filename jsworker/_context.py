@@ -59,6 +59,8 @@ class Outcome:
     output: JSON = None
     error: str = ""
     delay: float | None = None
+    #: the handler's traceback when it raised (kept in ``step.failed`` events)
+    traceback: str | None = None
 
 
 class TaskCancelledError(TaskError):
@@ -199,7 +201,7 @@ class TaskContext:
         and :class:`CorruptValueError` when the signal's value is not JSON.
         """
         t = seconds(timeout, name="timeout", maximum=3600.0)
-        return await self._services.wait_for_signal(self.info.run_id, name, t, self)
+        return await self._services.wait_for_signal(self.info.run_id, name, t)
 
     async def send_signal(self, run_id: str, name: str, data: object = None) -> None:
         """Send signal ``name`` to run ``run_id``."""

@@ -107,14 +107,20 @@ def attempt_suffix(info: TaskInfo) -> str:
     return str(info.attempt) if info.iteration == 0 else f"i{info.iteration}.{info.attempt}"
 
 
+def _traceback(o: Outcome) -> dict[str, str]:
+    """``{"traceback": ...}`` for a handler that raised, else nothing (docs/wire.md)."""
+    return {"traceback": o.traceback} if o.traceback else {}
+
+
 def dead_msg_id(info: TaskInfo) -> str:
     return f"{info.run_id}.{info.step_id}.{info.iteration}.dead"
 
 
 #: fields of an event payload that may be truncated to make the event fit
-_EVENT_SHRINK = (("payload", "error"), ("payload", "reason"))
+_EVENT_SHRINK = (("payload", "traceback"), ("payload", "error"), ("payload", "reason"))
 #: fields of a dead letter that may be truncated (the large ones first in practice)
 _DEAD_SHRINK = (
+    ("traceback",),
     ("task", "input"),
     ("output",),
     ("task", "metadata"),
@@ -392,6 +398,7 @@ class OutcomeRecorder:
                     "kind": kind,
                     "retry_in_ms": int(delay * 1000),
                     "attempt": info.attempt,
+                    **_traceback(o),
                 },
             )
         except UnrecordableError as e:
@@ -423,6 +430,7 @@ class OutcomeRecorder:
             "task_type": spec.task_type,
             "kind": kind,
             "error": o.error,
+            **_traceback(o),
             "attempts": info.attempt,
             "worker_id": self.worker_id,
             "subject": info.subject,
@@ -457,6 +465,7 @@ class OutcomeRecorder:
                     "error": o.error,
                     "kind": kind,
                     "attempt": info.attempt,
+                    **_traceback(o),
                 },
             )
         except Exception as e:

@@ -12,7 +12,6 @@ would read the same bytes.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,7 @@ from ._errors import InvalidNameError, NotProvisionedError, PermanentError, Task
 from ._wire import dumps, loads, now_rfc3339, to_json_value
 
 if TYPE_CHECKING:
-    from ._context import TaskContext, TaskInfo
+    from ._context import TaskInfo
 
 KV_DEL_OPS = ("DEL", "PURGE")
 CHUNK_SEQ = "Jsw-Seq"
@@ -140,9 +139,7 @@ class Services:
             out[key[len(run_id) + 1 :]] = decode_value(n.SIGNALS_BUCKET, key, value)
         return out
 
-    async def wait_for_signal(
-        self, run_id: str, name: str, timeout: float, ctx: TaskContext | None = None
-    ) -> Any:
+    async def wait_for_signal(self, run_id: str, name: str, timeout: float) -> Any:
         n.validate_token(name, "signal name")
         kv = await self._need(n.SIGNALS_BUCKET)
         # A watch delivers the key's current value first, so a signal sent before the
@@ -213,7 +210,3 @@ async def _try_bucket(js: Any, bucket: str) -> KeyValue | None:
         return None
     except nats.js.errors.NotFoundError:
         return None
-
-
-async def gather_quiet(*aws: Any) -> None:
-    await asyncio.gather(*aws, return_exceptions=True)
