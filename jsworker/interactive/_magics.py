@@ -110,9 +110,9 @@ def _close_on_kernel_shutdown(ip: Any) -> None:
     kernel's loop, so its partitions are handed back at once instead of after the
     liveness timeout. ipykernel has no shutdown hook for extensions, so this wraps
     this kernel instance's ``do_shutdown`` (nothing else is touched)."""
-    kernel = getattr(ip, "kernel", None)
+    kernel: Any = getattr(ip, "kernel", None)
     original = getattr(kernel, "do_shutdown", None)
-    if original is None or getattr(original, "_jsworker", False):
+    if kernel is None or original is None or getattr(original, "_jsworker", False):
         return
 
     async def do_shutdown(restart: bool) -> Any:
