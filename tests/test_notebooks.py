@@ -56,6 +56,7 @@ def test_quickstart() -> None:
 def test_live_partitions() -> None:
     nb = execute(NOTEBOOKS / "live-partitions.ipynb")
     text = outputs(nb)
+    assert "partition map resize: 2 members" in text  # before joining, and after leaving
     assert "3 members" in text
     assert "notebook v1" in text and "notebook v2" in text
     assert "(this session)" in text

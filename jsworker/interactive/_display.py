@@ -40,6 +40,39 @@ class GroupMap:
     me: str
     error: str | None = None
 
+    def __repr__(self) -> str:
+        if self.error:
+            return f"map {self.task_type}: {self.error}"
+        return f"map {self.task_type}: {len(self.members)} members " + ", ".join(
+            f"{k}={_ranges(v)}" for k, v in sorted(self.members.items())
+        )
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        m = self
+        title = f"partition map {m.task_type}" + (f" group {m.group}" if m.group else "")
+        if m.error:
+            return f"<p><b>{e(title)}</b>: {e(m.error)}</p>"
+        rows: list[list[Any]] = [
+            [
+                (member + "  (this session)") if member == m.me else member,
+                len(parts),
+                _ranges(parts),
+            ]
+            for member, parts in sorted(m.members.items())
+        ]
+        if m.unassigned:
+            rows.append(["(unassigned)", len(m.unassigned), _ranges(m.unassigned)])
+        return _html_table(
+            f"{title}: {len(m.members)} members, {m.max_partitions} partitions, "
+            f"revision {m.revision}",
+            ["member", "count", "partitions"],
+            rows,
+            bar=[(member, len(parts)) for member, parts in sorted(m.members.items())],
+            total=m.max_partitions,
+        )
+
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -64,13 +97,7 @@ class Snapshot:
             lines.append(
                 f"  handler {h.get('task_type')} v{h.get('version')} ({_mode(h)}) held {_held(h)}"
             )
-        for m in self.maps:
-            lines.append(
-                f"  map {m.task_type}: {len(m.members)} members "
-                + ", ".join(f"{k}={_ranges(v)}" for k, v in sorted(m.members.items()))
-                if not m.error
-                else f"  map {m.task_type}: {m.error}"
-            )
+        lines.extend(f"  {m!r}" for m in self.maps)
         return "\n".join(lines)
 
     # ------------------------------------------------------------- notebook
@@ -102,30 +129,7 @@ class Snapshot:
             ),
         ]
         for m in self.maps:
-            title = f"partition map {m.task_type}" + (f" group {m.group}" if m.group else "")
-            if m.error:
-                out.append(f"<p><b>{e(title)}</b>: {e(m.error)}</p>")
-                continue
-            rows: list[list[Any]] = [
-                [
-                    (member + "  (this session)") if member == m.me else member,
-                    len(parts),
-                    _ranges(parts),
-                ]
-                for member, parts in sorted(m.members.items())
-            ]
-            if m.unassigned:
-                rows.append(["(unassigned)", len(m.unassigned), _ranges(m.unassigned)])
-            out.append(
-                _html_table(
-                    f"{title}: {len(m.members)} members, {m.max_partitions} partitions, "
-                    f"revision {m.revision}",
-                    ["member", "count", "partitions"],
-                    rows,
-                    bar=[(member, len(parts)) for member, parts in sorted(m.members.items())],
-                    total=m.max_partitions,
-                )
-            )
+            out.append(m._repr_html_())
         if self.recent:
             out.append(
                 _html_table(

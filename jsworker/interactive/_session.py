@@ -311,6 +311,14 @@ class Session:
         except CLIError as e:
             raise ConfigError(e.format_message()) from None
 
+    async def partition_map(self, task_type: str, group: str | None = None) -> Any:
+        """The group's map as a :class:`~jsworker.interactive.GroupMap` (members ->
+        partitions; shown as a table in a notebook), for any partitioned type, also
+        one this session does not handle."""
+        from ._display import group_map
+
+        return await group_map(self, task_type, group)
+
     def handlers(self) -> list[dict[str, Any]]:
         """The worker's handlers (``Worker.handler_info()``)."""
         return list(self.worker.handler_info())
