@@ -73,7 +73,6 @@ class GroupMap:
         )
 
 
-
 @dataclass(frozen=True)
 class Snapshot:
     worker_id: str
