@@ -314,9 +314,14 @@ class ElasticMember:
         an API call fails, the loop is restarted and re-reads the wanted state, so one
         error never leaves the group without a consumer."""
         self._changed.set()  # (re)started: compare wanted and actual state afresh
+        first = True
         while not self._stopping:
             await self._changed.wait()
-            await self._settle()
+            if first:  # start-up acts at once; later changes may come in bursts
+                self._changed.clear()
+                first = False
+            else:
+                await self._settle()
             if self._stopping:
                 return
             desired = partition_filters(self.config, self.me) if self.config else []
