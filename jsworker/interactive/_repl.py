@@ -115,7 +115,6 @@ class Repl:
         session: Session,
         *,
         history: History | None = None,
-        print_status: Callable[[Any], None] | None = None,
     ) -> None:
         self.session = session
         self.ns = namespace(session)
@@ -126,7 +125,6 @@ class Repl:
         )
         self._compile = codeop.CommandCompiler()
         self._compile.compiler.flags |= _FLAGS
-        self._print = print_status or _rich_print
         self.statements = 0
 
     async def read(self) -> str | None:
