@@ -10,14 +10,17 @@ from rich.text import Text
 
 from .._provision import setup_all, summarize
 from .._server import EmbeddedServer
+from .._telemetry import Telemetry
 from ._connect import ConnOptions, run
 from ._demo import run_demo
 from ._importer import build_worker, check_target, import_from_string
+from ._otel import otel_console_option, otel_session
 from ._output import console
 from ._serve import ShutdownSignals, serve_worker
 
 
 @click.command("dev")
+@otel_console_option
 @click.option("--demo", is_flag=True, help="Run the built-in demo worker and a stream of tasks.")
 @click.option("--app", "target", metavar="MODULE:ATTR", help="Serve this worker (as `serve`).")
 @click.option(
@@ -48,6 +51,7 @@ from ._serve import ShutdownSignals, serve_worker
     help="With --demo: stop (exit 0) once every demo task reached an outcome.",
 )
 def dev(
+    otel_console: bool,
     demo: bool,
     target: str | None,
     app_dir: str,
@@ -72,6 +76,7 @@ def dev(
       jsworker dev --demo --demo-tasks 1000 --rate 500
       jsworker dev --app myapp.tasks:make_worker --port 4222
       jsworker dev --app tasks:make_worker --app-dir src --store-dir .jsworker-data
+      jsworker dev --demo --demo-tasks 5 --exit-after-demo --otel-console
     """
     if demo == (target is not None):
         raise click.UsageError("give exactly one of --demo or --app MODULE:ATTR")
@@ -86,14 +91,19 @@ def dev(
     async def main() -> None:
         server = EmbeddedServer(port=port, store_dir=store_dir)
         # installed first, so a Ctrl-C or SIGTERM while starting still stops the server
-        with ShutdownSignals(on_force=server.kill) as signals:
+        with (
+            ShutdownSignals(on_force=server.kill) as signals,
+            otel_session(console=otel_console, service="jsworker-dev") as telemetry,
+        ):
             await server.start()
             try:
-                await run_on(server, signals)
+                await run_on(server, signals, telemetry)
             finally:
                 await server.stop()
 
-    async def run_on(server: EmbeddedServer, signals: ShutdownSignals) -> None:
+    async def run_on(
+        server: EmbeddedServer, signals: ShutdownSignals, telemetry: Telemetry | None
+    ) -> None:
         console.print(
             Text.assemble(
                 ("nats-server ", "bold"),
@@ -113,11 +123,18 @@ def dev(
             )
             if obj is None:
                 summary = await run_demo(
-                    nc, tasks=demo_tasks, rate=rate, exit_after=exit_after_demo, signals=signals
+                    nc,
+                    tasks=demo_tasks,
+                    rate=rate,
+                    exit_after=exit_after_demo,
+                    signals=signals,
+                    telemetry=telemetry,
                 )
                 console.print(Text(summary.line(), style="bold"), soft_wrap=True)
                 return
             worker = await build_worker(obj, nc, conn)
+            if telemetry is not None:
+                worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
             try:
                 await serve_worker(worker, grace=None, url=server.url, signals=signals)
             finally:
