@@ -115,7 +115,6 @@ class Repl:
         session: Session,
         *,
         history: History | None = None,
-        print_status: Callable[[Any], None] | None = None,
     ) -> None:
         self.session = session
         self.ns = namespace(session)
@@ -126,7 +125,6 @@ class Repl:
         )
         self._compile = codeop.CommandCompiler()
         self._compile.compiler.flags |= _FLAGS
-        self._print = print_status or _rich_print
         self.statements = 0
 
     async def read(self) -> str | None:
@@ -176,7 +174,7 @@ class Repl:
         try:
             code = compile(source, "<repl>", "single", flags=_FLAGS)
         except (SyntaxError, OverflowError, ValueError):
-            self._show_exception(skip=0)
+            self._show_exception()
             return
         try:
             if code.co_flags & inspect.CO_COROUTINE:
@@ -196,7 +194,7 @@ class Repl:
             try:
                 await self.session.sync()
             except Exception:
-                self._show_exception(skip=0, brief=True)
+                self._show_exception(brief=True)
 
     async def _run_async(self, code: Any) -> None:
         # the statement's own coroutine is the task (a wrapper cancelled before its
@@ -211,14 +209,19 @@ class Repl:
             loop.remove_signal_handler(signal.SIGINT)
             signal.signal(signal.SIGINT, previous)
 
-    def _show_exception(self, skip: int = 1, brief: bool = False) -> None:
+    def _show_exception(self, brief: bool = False) -> None:
+        """The traceback from the statement's first frame on (this module's frames
+        and asyncio's are dropped)."""
         et, e, tb = sys.exc_info()
         if brief and e is not None:
             print(f"{type(e).__name__}: {e}", file=sys.stderr)
             return
-        for _ in range(skip):  # drop this module's frames
-            if tb is not None:
-                tb = tb.tb_next
+        while tb is not None and tb.tb_frame.f_code.co_filename != "<repl>":
+            if tb.tb_next is None:
+                break
+            tb = tb.tb_next
+        if tb is not None and tb.tb_frame.f_code.co_filename != "<repl>":
+            tb = None  # raised before the statement ran (a compile error)
         traceback.print_exception(et, e, tb)
 
 
