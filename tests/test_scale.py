@@ -130,6 +130,54 @@ async def test_defaults_sigkill_failover_within_10s(
             assert b["t0"] >= a["t1"] - 0.001, f"key {k}: overlapping executions {a} {b}"
 
 
+async def test_a_stalled_worker_is_not_judged_dead(
+    nc: NATS, unique: Callable[[str], str], server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker frozen (SIGSTOP) for longer than the 5 s grace keeps its connection, so it
+    is "silent", not gone: with a fresh directory entry it keeps its partitions, and when
+    it resumes, its tasks finish without any key running twice at once."""
+    ttype = unique("stall")
+    log = tmp_path / "exec.jsonl"
+    env = {**server_env, "JSW_TEST_DEFAULTS": "1"}
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    for _ in range(2):
+        p, wid = await spawn(ttype, 8, log, env, work=0.2)
+        procs[wid] = p
+    client = jsworker.Client(nc)
+    keys = [f"k{i}" for i in range(16)]
+    reqs = [jsworker.TaskRequest(ttype, {"k": k, "i": i}, key=k) for i in range(5) for k in keys]
+    stalled = sorted(procs)[0]
+    try:
+        await client.submit_many(reqs)
+        await wait_until(lambda: _ran_on(log, stalled), 30, "the worker to run tasks")
+        procs[stalled].send_signal(signal.SIGSTOP)  # mid-task, holding leases
+        t_stop = time.monotonic()
+        while time.monotonic() - t_stop < 8:  # well past the grace for a closed connection
+            assert stalled in ((await group_config(nc, ttype)).members or ())
+            await asyncio.sleep(0.5)
+        procs[stalled].send_signal(signal.SIGCONT)
+        wanted = {(r.input["k"], r.input["i"]) for r in reqs}  # type: ignore[index]
+        await wait_until(lambda: _all_done(log, wanted), 60, "every task completed")
+        assert stalled in ((await group_config(nc, ttype)).members or ())
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            await p.wait()
+    by_key: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for e in read_log(log):
+        by_key[e["k"]].append(e)
+    for k, es in by_key.items():
+        es.sort(key=lambda e: e["t0"])
+        for a, b in itertools.pairwise(es):
+            assert b["t0"] >= a["t1"] - 0.001, f"key {k}: overlapping executions {a} {b}"
+
+
+async def _ran_on(log: Path, worker: str) -> bool:
+    return any(e["w"] == worker for e in read_log(log))
+
+
 async def _busy(log: Path, n: int) -> bool:
     return len(read_log(log)) >= n
 
