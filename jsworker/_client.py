@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -19,6 +20,7 @@ from nats.js.api import DeliverPolicy
 from . import _names as n
 from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
+from ._pubacks import PubAck, shared_pubacks
 from ._services import CHUNK_SEQ, Services
 from ._telemetry import current_traceparent
 
@@ -159,6 +161,8 @@ class Client:
         self.nc = nc
         self.js = nc.jetstream()
         self.services = Services(nc)
+        #: pipelined JetStream publishes (one reply subscription per connection)
+        self.pubacks = shared_pubacks(nc)
 
     def _build(
         self,
@@ -251,7 +255,7 @@ class Client:
         if stream:
             chunk_sub = await self.nc.subscribe(n.stream_subject(run_id, step_id))
         try:
-            ack = await self.js.publish(
+            ack = await self.pubacks.request(
                 subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
             )
         except BaseException as e:
@@ -278,15 +282,10 @@ class Client:
             chunk_sub,
         )
 
-    async def _publish(self, subject: str, body: bytes, msg_id: str) -> Any:
-        try:
-            return await self.js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
-        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
-            raise NotProvisionedError(
-                f"no stream captures {subject}: run `jsworker kv setup` to create {n.TASK_STREAM}"
-            ) from None
-        except nats.errors.TimeoutError:
-            raise ServerError(f"publishing {subject} timed out") from None
+    async def _publish(self, subject: str, body: bytes, msg_id: str) -> PubAck:
+        return await _translate(
+            subject, self.pubacks.request(subject, body, {"Nats-Msg-Id": msg_id})
+        )
 
     async def cancel(self, run_id: str, reason: str = "") -> None:
         """Cancel every step of run ``run_id`` (needs KV ``signals``): queued tasks of the
@@ -313,17 +312,29 @@ class Client:
             )
             for t in tasks
         ]
-        sem = asyncio.Semaphore(window)
-
-        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str]) -> TaskHandle:
-            subject, body, run_id, step_id, task_id = b
-            async with sem:
-                ack = await self._publish(subject, body, f"{run_id}.{step_id}.0")
-            return TaskHandle(
-                self, t.task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
-            )
-
-        return list(await asyncio.gather(*(one(t, b) for t, b in built)))
+        # Pipelined: every publish goes out without waiting for the previous one's
+        # PubAck; at most ``window`` are unanswered at a time.
+        pending: collections.deque[tuple[str, asyncio.Future[PubAck]]] = collections.deque()
+        acks: list[PubAck] = []
+        try:
+            for _, (subject, body, run_id, step_id, _) in built:
+                if len(pending) >= window:
+                    acks.append(await _translate(*pending.popleft()))
+                fut = await _translate(
+                    subject,
+                    self.pubacks.publish(subject, body, {"Nats-Msg-Id": f"{run_id}.{step_id}.0"}),
+                )
+                pending.append((subject, fut))
+            while pending:
+                acks.append(await _translate(*pending.popleft()))
+        except BaseException:
+            for _, fut in pending:  # nobody awaits these any more
+                fut.add_done_callback(_consume)
+            raise
+        return [
+            TaskHandle(self, t.task_type, run_id, step_id, task_id, subject, ack.duplicate, ack.seq)
+            for (t, (subject, _, run_id, step_id, task_id)), ack in zip(built, acks, strict=True)
+        ]
 
     async def run_events(
         self, run_id: str, *, timeout: float | None = None
@@ -386,6 +397,27 @@ class Client:
     async def send_signal(self, run_id: str, name: str, data: object = None) -> int:
         """Send signal ``name`` to run ``run_id`` (KV ``signals``)."""
         return await self.services.send_signal(run_id, name, data)
+
+
+T = TypeVar("T")
+
+
+async def _translate(subject: str, aw: Awaitable[T]) -> T:
+    """A publish's errors as the client's: no stream -> NotProvisionedError, timeout ->
+    ServerError."""
+    try:
+        return await aw
+    except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+        raise NotProvisionedError(
+            f"no stream captures {subject}: run `jsworker kv setup` to create {n.TASK_STREAM}"
+        ) from None
+    except nats.errors.TimeoutError:
+        raise ServerError(f"publishing {subject} timed out") from None
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _outcome_of(ev: dict[str, Any], step_id: str) -> dict[str, Any] | None:

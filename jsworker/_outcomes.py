@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from . import _wire as w
 from ._context import Outcome, TaskInfo
 from ._errors import JSWorkerError, PayloadError
 from ._handler import HandlerSpec
+from ._pubacks import PubAcks
 from ._stats import WorkerStats
 
 if TYPE_CHECKING:
@@ -88,6 +90,10 @@ def is_permanent(e: BaseException) -> bool:
     return isinstance(e, TypeError | ValueError)
 
 
+#: non-empty tokens without whitespace (``\s`` is exactly ``str.isspace``) or wildcards
+_VALID_SUBJECT = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
+
+
 def check_subject(subject: str) -> None:
     """Raise :class:`UnrecordableError` for a subject the server would refuse or
     misread: empty tokens, whitespace, wildcard tokens, or over
@@ -96,9 +102,8 @@ def check_subject(subject: str) -> None:
     size = len(subject.encode())
     if size > MAX_SUBJECT_BYTES:
         raise UnrecordableError(f"subject is {size} bytes, over {MAX_SUBJECT_BYTES}")
-    for token in subject.split("."):
-        if not token or "*" in token or ">" in token or any(c.isspace() for c in token):
-            raise UnrecordableError(f"invalid subject {subject[:200]!r}")
+    if _VALID_SUBJECT.fullmatch(subject) is None:
+        raise UnrecordableError(f"invalid subject {subject[:200]!r}")
 
 
 def attempt_suffix(info: TaskInfo) -> str:
@@ -144,6 +149,7 @@ class OutcomeRecorder:
         services: Services,
         *,
         record_delivery_limit: int = RECORD_DELIVERY_LIMIT,
+        publish_timeout: float = 5.0,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -152,6 +158,12 @@ class OutcomeRecorder:
         self.telemetry = telemetry
         self.services = services
         self.record_delivery_limit = record_delivery_limit
+        #: pipelined JetStream publishes: no request round trip per record
+        self.pubacks = PubAcks(nc, timeout=publish_timeout)
+
+    async def close(self) -> None:
+        """Drop the PubAck subscription (the worker calls this when it stops)."""
+        await self.pubacks.close()
 
     def delivery_limit(self, spec: HandlerSpec) -> int:
         """From this delivery on, an outcome that fails to record for a transient reason
@@ -197,7 +209,7 @@ class OutcomeRecorder:
         transient ones propagate as they are."""
         self.fits(subject, data, headers)
         try:
-            await self.js.publish(subject, data, headers=headers)
+            await (await self.pubacks.publish(subject, data, headers))
         except Exception as e:
             if is_permanent(e):
                 raise UnrecordableError(f"{type(e).__name__}: {e}") from e

@@ -18,6 +18,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from .._errors import JSWorkerError
+from .._loop import LoopFactory
 from ._output import CLIError, err
 
 T = TypeVar("T")
@@ -173,10 +174,12 @@ def connection_options(f: F) -> F:
     return f
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; library and NATS errors become one red line, exit 1."""
+def run(coro: Coroutine[Any, Any, T], *, loop_factory: LoopFactory | None = None) -> T:
+    """Run a command's coroutine (on ``loop_factory``'s loop, default asyncio's);
+    library and NATS errors become one red line, exit 1."""
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(coro)
     except JSWorkerError as e:
         raise CLIError(str(e)) from None
     except nats.js.errors.APIError as e:
