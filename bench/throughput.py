@@ -64,6 +64,8 @@ class RunResult:
     tasks_per_s: float
     history_events: int
     start_seconds: float = 0.0
+    #: CPU seconds of this process (contender, and the 20 ms polls) over the drain
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -315,7 +317,9 @@ async def one_run(
     task_type = f"bench-{name}-{rnd}-{secrets.token_hex(3)}"
     last_seq = await publish_tasks(admin, task_type, args.tasks)
     before = await history_count(admin)
+    cpu0 = time.process_time()
     first, end, started = await CONTENDERS[name](url, admin, task_type, last_seq, args)
+    cpu = time.process_time() - cpu0
     elapsed = end - first
     await asyncio.sleep(0.2)  # let fire-and-forget events (step.started) land
     events = await history_count(admin) - before
@@ -327,6 +331,7 @@ async def one_run(
         round(args.tasks / elapsed, 1),
         events,
         round(started, 4),
+        round(cpu, 3),
     )
 
 
@@ -398,7 +403,8 @@ async def main(args: argparse.Namespace) -> Report:
                     if not args.json:
                         print(
                             f"round {rnd + 1}/{args.rounds} {name:9s} {r.tasks_per_s:>9.0f} "
-                            f"tasks/s  ({r.seconds:.2f} s, {r.history_events} history events)",
+                            f"tasks/s  ({r.seconds:.2f} s, cpu {r.cpu_seconds:.2f} s, "
+                            f"{r.history_events} history events)",
                             file=sys.stderr,
                         )
             if args.profile:

@@ -36,6 +36,82 @@ STATUS = "Status"
 NO_RESPONDERS = "503"
 
 
+_CRLF = b"\r\n"
+_HDR_LINE = b"NATS/1.0\r\n"
+
+
+def header_block(headers: dict[str, str]) -> bytes | None:
+    """``headers`` as the protocol's header block, or ``None`` when a key or value needs
+    nats-py's cleaning (surrounding spaces, CR/LF, an empty or unusual key)."""
+    out = bytearray(_HDR_LINE)
+    for k, v in headers.items():
+        if not k or not k.isascii() or not k.replace("-", "").isalnum():
+            return None
+        if "\r" in v or "\n" in v or v != v.strip():
+            return None
+        out += f"{k}: {v}\r\n".encode()
+    out += _CRLF
+    return bytes(out)
+
+
+async def publish(
+    nc: NATS,
+    subject: str,
+    data: bytes = b"",
+    *,
+    reply: str = "",
+    headers: dict[str, str] | None = None,
+) -> None:
+    """``nc.publish`` without its per-message overhead, for subjects and headers jsworker
+    built and checked itself (the outcome recorder checks every subject and size first).
+
+    The protocol command is built here and handed to the connection's pending buffer,
+    which the connection's flusher writes to the socket once per event-loop pass with
+    everything else queued meanwhile (acks, events, pull requests of every task in
+    flight). Anything unusual takes ``nc.publish`` itself: not connected (nats-py
+    buffers or refuses while reconnecting), closed or draining, a body over
+    ``max_payload``, headers that need cleaning, or a nats-py without these internals."""
+    hdr = b"" if headers is None else header_block(headers)
+    send = getattr(nc, "_send_command", None)
+    if (
+        hdr is None
+        or send is None
+        or not nc.is_connected
+        or nc.is_draining_pubs
+        or len(data) > nc.max_payload
+        or not subject
+    ):
+        await nc.publish(subject, data, reply=reply, headers=headers)
+        return
+    subj = subject.encode()
+    if reply:
+        subj += b" " + reply.encode()
+    if hdr:
+        hl = len(hdr)
+        cmd = b"HPUB %b %d %d\r\n%b%b\r\n" % (subj, hl, hl + len(data), hdr, data)
+    else:
+        cmd = b"PUB %b %d\r\n%b\r\n" % (subj, len(data), data)
+    stats = nc.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(data)
+    await send(cmd)
+    queue = nc._flush_queue
+    if queue is not None and queue.empty():
+        await nc._flush_pending()
+
+
+async def ack(msg: Msg) -> None:
+    """``msg.ack()`` through :func:`publish` (an empty body on the reply subject is an
+    ack). Raises nats-py's ``MsgAlreadyAckdError`` for a message already acknowledged."""
+    if msg._ackd:
+        raise nats.errors.MsgAlreadyAckdError(msg)
+    if not msg.reply or msg._client is None:
+        await msg.ack()  # nats-py says what is wrong
+        return
+    await publish(msg._client, msg.reply)
+    msg._ackd = True
+
+
 class PubAck(NamedTuple):
     stream: str
     seq: int
@@ -88,7 +164,7 @@ class PubAcks:
         if self._timer is None:
             self._timer = loop.call_at(loop.time() + self.timeout, self._expire)
         try:
-            await self.nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+            await publish(self.nc, subject, data, reply=self._prefix + token, headers=headers)
         except BaseException:
             self._pending.pop(token, None)
             fut.cancel()
