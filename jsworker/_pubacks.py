@@ -196,8 +196,13 @@ class PubAcks:
             if not isinstance(resp, dict):
                 raise ValueError("not an object")
             if "error" in resp:
-                fut.set_exception(nats.js.errors.APIError.from_error(resp["error"]))
-                return
+                try:
+                    # raises the error's class (400 -> BadRequestError, ...)
+                    nats.js.errors.APIError.from_error(resp["error"])
+                except nats.js.errors.APIError as e:
+                    fut.set_exception(e)
+                    return
+                raise ValueError("an error reply nats-py could not read")
             ack = PubAck(str(resp["stream"]), int(resp["seq"]), bool(resp.get("duplicate")))
         except (ValueError, KeyError, TypeError) as e:
             fut.set_exception(nats.errors.Error(f"malformed PubAck {msg.data[:200]!r}: {e}"))
