@@ -102,7 +102,20 @@ def install(ip: Any) -> None:
     # a plain line magic too: `%lsmagic` lists it and `%jsworker?` shows the help; the
     # transformer above rewrites every `%jsworker` line before this could run
     ip.register_magic_function(_sync_magic, "line", "jsworker")
+    if not ip.custom_exceptions:
+        ip.set_custom_exc((JSWorkerError,), _one_line)
     _close_on_kernel_shutdown(ip)
+
+
+def _one_line(
+    shell: Any, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: Any = None
+) -> list[str]:
+    """jsworker's own errors (a refused consumer, a missing stream, a bad option, a
+    failed task) are messages for the person: one red line, no traceback. The error is
+    still the cell's error, with its type."""
+    stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
+    shell._showtraceback(etype, value, stb)
+    return stb
 
 
 def _close_on_kernel_shutdown(ip: Any) -> None:

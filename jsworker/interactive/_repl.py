@@ -40,6 +40,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from .._errors import JSWorkerError
 from ._session import Session
 
 PS1 = ">>> "
@@ -213,7 +214,7 @@ class Repl:
         """The traceback from the statement's first frame on (this module's frames
         and asyncio's are dropped)."""
         et, e, tb = sys.exc_info()
-        if brief and e is not None:
+        if (brief or isinstance(e, JSWorkerError)) and e is not None:
             print(f"{type(e).__name__}: {e}", file=sys.stderr)
             return
         while tb is not None and tb.tb_frame.f_code.co_filename != "<repl>":
