@@ -237,7 +237,8 @@ async def before_cell() -> None:
 COMMANDS = {
     "connect": "connect [URL] [--group G | --dev]  (no URL: an embedded server); binds `session`",
     "status": "status  (worker, handlers, partition maps, recent outcomes)",
-    "live": "live [SECONDS]  (the status, kept up to date in this cell's output)",
+    "live": "live [SECONDS] [--type T]  (the status kept up to date in this cell's output; "
+    "--type: also T's partition map)",
     "submit": "submit TYPE [JSON] [--key K] [--group G] [--wait]",
     "tail": "tail [RUN_ID] [--seconds S] [--count N]",
     "remove": "remove TYPE  (drain, hand back partitions)",
@@ -331,8 +332,9 @@ async def run_magic(line: str) -> Any:
     if cmd == "live":
         from ._display import live
 
-        every = _number(rest[0], "SECONDS") if rest else 1.0
-        return await live(current(), every)
+        pos, o = _opts(rest, set(), {"--type"})
+        every = _number(pos[0], "SECONDS") if pos else 1.0
+        return await live(current(), every, [o["type"]] if "type" in o else [])
     if cmd == "submit":
         pos, o = _opts(rest, {"--wait"}, {"--key", "--group"})
         if not 1 <= len(pos) <= 2:
