@@ -22,7 +22,7 @@ from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
 from ._pubacks import PubAck, shared_pubacks
 from ._services import CHUNK_SEQ, Services
-from ._telemetry import current_traceparent
+from ._telemetry import Telemetry, current_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +157,16 @@ class Client:
     (within the stream's 10 min duplicate window).
     """
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, *, telemetry: Telemetry | None = None) -> None:
+        """``telemetry``: with a tracer provider, every submit is a PRODUCER span whose
+        context the task carries, so the worker's span is its child (default: off; an
+        active span of your own is still propagated)."""
         self.nc = nc
         self.js = nc.jetstream()
         self.services = Services(nc)
         #: pipelined JetStream publishes (one reply subscription per connection)
         self.pubacks = shared_pubacks(nc)
+        self.telemetry = telemetry or Telemetry()
 
     def _build(
         self,
@@ -174,6 +178,7 @@ class Client:
         step_id: str | None,
         metadata: Mapping[str, str] | None,
         key: str | None = None,
+        trace: tuple[str, str] | None = None,
     ) -> tuple[str, bytes, str, str, str]:
         n.validate_task_type(task_type)
         if key is not None:
@@ -182,7 +187,7 @@ class Client:
             n.validate_group(group)
         run_id = n.validate_run_id(run_id) if run_id is not None else n.new_run_id()
         step_id = n.validate_step_id(step_id) if step_id is not None else task_type
-        tp, ts = current_traceparent()
+        tp, ts = trace if trace is not None else current_traceparent()
         task_id = n.new_task_id()
         value = w.to_json_value(input, "input")
         body = w.TaskPayload(
@@ -242,6 +247,34 @@ class Client:
         input that fits), ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
         ``stream=True`` subscribes to the task's partial results before publishing, so
         ``handle.stream()`` sees every chunk."""
+        producer = self.telemetry.start_producer(task_type, group)
+        if producer is None:
+            return await self._submit(
+                task_type, input, group, run_id, step_id, metadata, stream, key
+            )
+        span, trace = producer
+        try:
+            handle = await self._submit(
+                task_type, input, group, run_id, step_id, metadata, stream, key, trace
+            )
+        except BaseException as e:
+            Telemetry.end_producer(span, error=e)
+            raise
+        Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
+        return handle
+
+    async def _submit(
+        self,
+        task_type: str,
+        input: Any,
+        group: str | None,
+        run_id: str | None,
+        step_id: str | None,
+        metadata: Mapping[str, str] | None,
+        stream: bool,
+        key: str | None,
+        trace: tuple[str, str] | None = None,
+    ) -> TaskHandle:
         subject, body, run_id, step_id, task_id = self._build(
             task_type,
             input,
@@ -250,6 +283,7 @@ class Client:
             step_id=step_id,
             metadata=metadata,
             key=key,
+            trace=trace,
         )
         chunk_sub = None
         if stream:
@@ -283,9 +317,8 @@ class Client:
         )
 
     async def _publish(self, subject: str, body: bytes, msg_id: str) -> PubAck:
-        return await _translate(
-            subject, self.pubacks.request(subject, body, {"Nats-Msg-Id": msg_id})
-        )
+        headers = {"Nats-Msg-Id": msg_id}
+        return await _translate(subject, self.pubacks.request(subject, body, headers))
 
     async def cancel(self, run_id: str, reason: str = "") -> None:
         """Cancel every step of run ``run_id`` (needs KV ``signals``): queued tasks of the
@@ -296,11 +329,16 @@ class Client:
         self, tasks: Iterable[TaskRequest], *, window: int = 256
     ) -> list[TaskHandle]:
         """Submit many tasks with up to ``window`` publishes in flight; returns handles in
-        order. Every task is validated before anything is published."""
-        built = [
-            (
-                t,
-                self._build(
+        order. Every task is validated before anything is published. With tracing on,
+        each task gets its own producer span."""
+        built = []
+        spans: list[Any] = []
+        try:
+            for t in tasks:
+                producer = self.telemetry.start_producer(t.task_type, t.group)
+                if producer is not None:
+                    spans.append(producer[0])
+                b = self._build(
                     t.task_type,
                     t.input,
                     group=t.group,
@@ -308,33 +346,56 @@ class Client:
                     step_id=t.step_id,
                     key=t.key,
                     metadata=t.metadata,
-                ),
-            )
-            for t in tasks
-        ]
-        # Pipelined: every publish goes out without waiting for the previous one's
-        # PubAck; at most ``window`` are unanswered at a time.
-        pending: collections.deque[tuple[str, asyncio.Future[PubAck]]] = collections.deque()
-        acks: list[PubAck] = []
-        try:
-            for _, (subject, body, run_id, step_id, _) in built:
-                if len(pending) >= window:
-                    acks.append(await _translate(*pending.popleft()))
-                fut = await _translate(
-                    subject,
-                    self.pubacks.publish(subject, body, {"Nats-Msg-Id": f"{run_id}.{step_id}.0"}),
+                    trace=producer[1] if producer is not None else None,
                 )
-                pending.append((subject, fut))
-            while pending:
-                acks.append(await _translate(*pending.popleft()))
-        except BaseException:
-            for _, fut in pending:  # nobody awaits these any more
-                fut.add_done_callback(_consume)
+                built.append((t, b, producer[0] if producer is not None else None))
+        except BaseException as e:
+            for span in spans:
+                Telemetry.end_producer(span, error=e)
             raise
-        return [
-            TaskHandle(self, t.task_type, run_id, step_id, task_id, subject, ack.duplicate, ack.seq)
-            for (t, (subject, _, run_id, step_id, task_id)), ack in zip(built, acks, strict=True)
-        ]
+        # Pipelined: every publish goes out without waiting for the previous one's
+        # PubAck; at most ``window`` are unanswered at a time. Handles (and producer
+        # spans) are completed in order as the PubAcks come back.
+        pending: collections.deque[asyncio.Future[PubAck]] = collections.deque()
+        handles: list[TaskHandle] = []
+        ended = [0]  # producer spans ended so far (in order)
+
+        async def settle_oldest() -> None:
+            t, (subject, _, run_id, step_id, task_id), span = built[len(handles)]
+            try:
+                ack = await _translate(subject, pending.popleft())
+            except BaseException as e:
+                ended[0] += 1
+                if span is not None:
+                    Telemetry.end_producer(span, error=e)
+                raise
+            ended[0] += 1
+            if span is not None:
+                Telemetry.end_producer(span, run_id=run_id, subject=subject)
+            handles.append(
+                TaskHandle(
+                    self, t.task_type, run_id, step_id, task_id, subject, ack.duplicate, ack.seq
+                )
+            )
+
+        try:
+            for _, (subject, body, run_id, step_id, _), _ in built:
+                if len(pending) >= window:
+                    await settle_oldest()
+                headers = {"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
+                pending.append(
+                    await _translate(subject, self.pubacks.publish(subject, body, headers))
+                )
+            while pending:
+                await settle_oldest()
+        except BaseException as e:
+            for fut in pending:  # nobody awaits these any more
+                fut.add_done_callback(_consume)
+            for _, _, span in built[ended[0] :]:
+                if span is not None:
+                    Telemetry.end_producer(span, error=e)
+            raise
+        return handles
 
     async def run_events(
         self, run_id: str, *, timeout: float | None = None

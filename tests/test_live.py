@@ -34,7 +34,17 @@ async def group_config(nc: NATS, ttype: str) -> ElasticConfig:
 
 
 def own_tasks() -> set[asyncio.Task[Any]]:
-    return {t for t in asyncio.all_tasks() if t.get_name().startswith("jsworker")}
+    """Tasks left on the loop that run jsworker code (named or not)."""
+    out = set()
+    for t in asyncio.all_tasks():
+        if t is asyncio.current_task() or t.done():
+            continue
+        code = getattr(t.get_coro(), "cr_code", None)
+        module = getattr(t.get_coro(), "cr_frame", None)
+        filename = module.f_code.co_filename if module is not None else ""
+        if t.get_name().startswith("jsworker") or "/jsworker/" in filename or code is None:
+            out.add(t)
+    return out
 
 
 # ---------------------------------------------------------------- live handlers
@@ -139,9 +149,7 @@ async def test_live_registration_error_reaches_the_caller(
     await js.delete_consumer("TASK_QUEUES", ttype)
 
 
-async def test_option_change_recreates_the_consumer(
-    nc: NATS, unique: Callable[[str], str]
-) -> None:
+async def test_option_change_recreates_the_consumer(nc: NATS, unique: Callable[[str], str]) -> None:
     ttype = unique("live")
     w = jsworker.Worker(nc)
     w.handle(ttype, lambda ctx: 1, ack_wait=5)
@@ -276,6 +284,7 @@ async def test_ordered_retry_is_a_loop_not_a_recursion(
     await jsworker.Client(nc).submit(ttype, None)
     await asyncio.wait_for(enough.wait(), 60)
     assert w.health.ok
+    assert own_tasks()  # (the check below can see the worker's tasks)
     await w.stop()
     assert not own_tasks(), own_tasks()  # nothing of the worker is left on the loop
     # the task was handed back on stop, not lost: it waits in the partition stream
@@ -308,6 +317,7 @@ async def test_one_credit_pool_bounds_leases_across_handlers(
     for t in types:
         await client.submit_many([jsworker.TaskRequest(t, i) for i in range(12)])
     async with w:
+
         async def leased() -> int:
             infos = [await js.consumer_info("TASK_QUEUES", t) for t in types]
             return sum(i.num_ack_pending for i in infos)
@@ -488,3 +498,47 @@ async def test_serve_exits_non_zero_when_the_worker_cannot_go_on(
     assert proc.returncode == 1, (out.decode(), err.decode())
     assert "failed" in err.decode() and "Traceback" not in err.decode()
     assert "FAILED" in out.decode()
+
+
+async def test_removing_a_partitioned_handler_waits_before_handing_over(
+    nc: NATS, unique: Callable[[str], str]
+) -> None:
+    """The member that leaves keeps its consumer until its running task ends, so the
+    member taking the partition over never runs the same key at the same time."""
+    ttype = unique("handover")
+    spans: list[tuple[str, str, float, float]] = []
+    b_running = asyncio.Event()
+
+    def handler(name: str, work: float) -> Callable[[jsworker.TaskContext], Awaitable[str]]:
+        async def fn(ctx: jsworker.TaskContext) -> str:
+            t0 = time.monotonic()
+            if name == "b":
+                b_running.set()
+            await asyncio.sleep(work)
+            spans.append((name, ctx.json(), t0, time.monotonic()))
+            return name
+
+        return fn
+
+    # sorted member ids decide orbit.go's assignment: b sorts first and owns partition 0
+    b = jsworker.Worker(nc, heartbeat_interval=1, worker_id="worker-0000000000000001")
+    a = jsworker.Worker(nc, heartbeat_interval=1, worker_id="worker-0000000000000002")
+    b.handle(ttype, handler("b", 1.0), partitions=1)
+    a.handle(ttype, handler("a", 0.01), partitions=1)
+    async with b, a:
+
+        async def owns(w: jsworker.Worker) -> bool:
+            return w._describe()["partitions"].get(ttype) == [0]
+
+        await wait_until(lambda: owns(b), 20, "b to own the partition")
+        client = jsworker.Client(nc)
+        first = await client.submit(ttype, "slow", key="k")
+        await asyncio.wait_for(b_running.wait(), 10)
+        remove = asyncio.create_task(b.remove_handler(ttype))
+        second = await client.submit(ttype, "next", key="k")
+        assert await first.result(timeout=20) == "b"  # finished on b, not cut off
+        assert await second.result(timeout=20) == "a"
+        await remove
+        assert await owns(a)
+    (_, _, _, b_end), (_, _, a_start, _) = sorted(spans, key=lambda s: s[2])
+    assert a_start >= b_end  # no overlap for key k

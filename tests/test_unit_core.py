@@ -4,13 +4,16 @@ handler did to an outcome, and the ``jsworker.testing`` environment users test w
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 
 import jsworker
 from jsworker._context import Outcome
 from jsworker._executor import MAX_TRACEBACK, outcome_of
-from jsworker._pull import Slots
+from jsworker._pull import PullLoop, Slots
 from jsworker.testing import HandlerEnvironment
 
 # ------------------------------------------------------------------ credit pools
@@ -163,3 +166,108 @@ async def test_environment_missing_signal_and_buckets() -> None:
 async def test_environment_refuses_bad_input() -> None:
     with pytest.raises(jsworker.PayloadError):
         await HandlerEnvironment().run(lambda ctx: None, {"x": object()})
+
+
+# ------------------------------------------------------------- pull accounting
+class _Sub:
+    async def unsubscribe(self) -> None:
+        return None
+
+
+class _Wire:
+    """Stands in for the connection in the pull loop's accounting tests: it records the
+    pull requests the loop sends and nothing else (no NATS behaviour is imitated; the
+    server's side of pulls is covered by the tests against real servers)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, Any], str]] = []
+        self.sent = asyncio.Event()
+
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    async def subscribe(self, subject: str, cb: Any) -> _Sub:
+        return _Sub()
+
+    async def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        self.requests.append((json.loads(data), reply))
+        self.sent.set()
+
+
+def _data(pending: int) -> Msg:
+    reply = f"$JS.ACK.S.C.1.9.9.1700000000000000000.{pending}"
+    return Msg(_client=None, subject="task.t.r", reply=reply, data=b"{}", headers=None)  # type: ignore[arg-type]
+
+
+def _status(reply: str, code: str, pending: int | None) -> Msg:
+    hdr = {"Status": code, "Description": "x"}
+    if pending is not None:
+        hdr["Nats-Pending-Messages"] = str(pending)
+    return Msg(_client=None, subject=reply, reply="", data=b"", headers=hdr)  # type: ignore[arg-type]
+
+
+async def _next_request(wire: _Wire) -> tuple[dict[str, Any], str]:
+    await asyncio.wait_for(wire.sent.wait(), 2)
+    wire.sent.clear()
+    return wire.requests[-1]
+
+
+async def test_pull_loop_accounting_is_exact() -> None:
+    wire = _Wire()
+    credits = Slots(8)
+    got: list[Msg] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def spawn(name: str, fn: Any) -> asyncio.Task[None]:
+        tasks.append(asyncio.create_task(fn()))
+        return tasks[-1]
+
+    loop = PullLoop(wire, "S", "C", credits, got.append, spawn=spawn, batch=8, expires=5)  # type: ignore[arg-type]
+    await loop.start()
+    req, reply = await _next_request(wire)
+    assert req["batch"] == 1  # knows nothing yet: asks for one
+    await loop._on_msg(_data(pending=5))  # one delivered; the consumer has 5 more
+    assert len(got) == 1 and credits.free == 7 and loop.outstanding == 0
+    req, reply = await _next_request(wire)
+    assert req["batch"] == 6  # as many as the consumer has, plus one
+    for left in (4, 3, 2, 1, 0):
+        await loop._on_msg(_data(pending=left))
+    assert len(got) == 6 and loop.outstanding == 1
+    # the request expires with one undelivered: its credit comes back, nothing more
+    await loop._on_status_msg(
+        _status(reply, "408", 1), {"Status": "408", "Nats-Pending-Messages": "1"}
+    )
+    assert loop.outstanding == 0
+    assert credits.free == 2  # 6 held by delivered messages
+    req, reply = await _next_request(wire)
+    assert req["batch"] == 1  # the consumer said it was empty
+    await loop._on_status_msg(
+        _status(reply, "408", 1), {"Status": "408", "Nats-Pending-Messages": "1"}
+    )
+    credits.give(6)  # the 6 delivered tasks finish
+    await loop.stop()
+    assert credits.free == 8 and loop.outstanding == 0  # nothing leaks
+    assert all(t.done() for t in tasks)
+
+
+async def test_pull_loop_naks_what_arrives_after_stop() -> None:
+    wire = _Wire()
+    credits = Slots(4)
+    got: list[Msg] = []
+
+    def spawn(name: str, fn: Any) -> asyncio.Task[None]:
+        return asyncio.create_task(fn())
+
+    loop = PullLoop(wire, "S", "C", credits, got.append, spawn=spawn, batch=4, expires=5)  # type: ignore[arg-type]
+    await loop.start()
+    await _next_request(wire)
+    await loop.stop()
+    late = _data(pending=0)
+    naked: list[bool] = []
+
+    async def nak(**kw: Any) -> None:
+        naked.append(True)
+
+    late.nak = nak  # type: ignore[method-assign]
+    await loop._on_msg(late)
+    assert naked == [True] and got == [] and credits.free == 4

@@ -11,14 +11,17 @@ from rich.text import Text
 from .._loop import LOOPS, resolve_loop
 from .._provision import setup_all, summarize
 from .._server import EmbeddedServer
+from .._telemetry import Telemetry
 from ._connect import ConnOptions, library_errors, run
 from ._demo import run_demo
 from ._importer import build_worker, check_target, import_from_string
+from ._otel import otel_console_option, otel_session
 from ._output import console
 from ._serve import ShutdownSignals, serve_worker
 
 
 @click.command("dev")
+@otel_console_option
 @click.option("--demo", is_flag=True, help="Run the built-in demo worker and a stream of tasks.")
 @click.option("--app", "target", metavar="MODULE:ATTR", help="Serve this worker (as `serve`).")
 @click.option(
@@ -57,6 +60,7 @@ from ._serve import ShutdownSignals, serve_worker
     help="Event loop, as for `serve`: auto uses uvloop when it is installed.",
 )
 def dev(
+    otel_console: bool,
     demo: bool,
     target: str | None,
     app_dir: str,
@@ -82,6 +86,7 @@ def dev(
       jsworker dev --demo --demo-tasks 1000 --rate 500
       jsworker dev --app myapp.tasks:make_worker --port 4222
       jsworker dev --app tasks:make_worker --app-dir src --store-dir .jsworker-data
+      jsworker dev --demo --demo-tasks 5 --exit-after-demo --otel-console
     """
     if demo == (target is not None):
         raise click.UsageError("give exactly one of --demo or --app MODULE:ATTR")
@@ -98,14 +103,19 @@ def dev(
     async def main() -> None:
         server = EmbeddedServer(port=port, store_dir=store_dir)
         # installed first, so a Ctrl-C or SIGTERM while starting still stops the server
-        with ShutdownSignals(on_force=server.kill) as signals:
+        with (
+            ShutdownSignals(on_force=server.kill) as signals,
+            otel_session(console=otel_console, service="jsworker-dev") as telemetry,
+        ):
             await server.start()
             try:
-                await run_on(server, signals)
+                await run_on(server, signals, telemetry)
             finally:
                 await server.stop()
 
-    async def run_on(server: EmbeddedServer, signals: ShutdownSignals) -> None:
+    async def run_on(
+        server: EmbeddedServer, signals: ShutdownSignals, telemetry: Telemetry | None
+    ) -> None:
         console.print(
             Text.assemble(
                 ("nats-server ", "bold"),
@@ -125,11 +135,18 @@ def dev(
             )
             if obj is None:
                 summary = await run_demo(
-                    nc, tasks=demo_tasks, rate=rate, exit_after=exit_after_demo, signals=signals
+                    nc,
+                    tasks=demo_tasks,
+                    rate=rate,
+                    exit_after=exit_after_demo,
+                    signals=signals,
+                    telemetry=telemetry,
                 )
                 console.print(Text(summary.line(), style="bold"), soft_wrap=True)
                 return
             worker = await build_worker(obj, nc, conn)
+            if telemetry is not None:
+                worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
             try:
                 await serve_worker(worker, grace=None, url=server.url, signals=signals)
             finally:

@@ -21,6 +21,7 @@ from .._loop import LOOPS, resolve_loop
 from .._worker import Worker
 from ._connect import ConnOptions, library_errors, pass_conn, run
 from ._importer import build_worker, check_target, import_from_string, needs_connection
+from ._otel import otel_console_option, otel_session
 from ._output import console, err
 
 PLAIN_EVERY = 5.0  # seconds between status lines when stdout is not a terminal
@@ -180,9 +181,15 @@ async def serve_worker(
     show_default=True,
     help="Event loop: auto uses uvloop when it is installed (pip install 'jsworker[fast]').",
 )
+@otel_console_option
 @pass_conn
 def serve(
-    conn: ConnOptions, target: str, app_dir: str, grace: float | None, loop_name: str
+    conn: ConnOptions,
+    target: str,
+    app_dir: str,
+    grace: float | None,
+    loop_name: str,
+    otel_console: bool,
 ) -> None:
     """Run the worker TARGET (module:attr) until Ctrl-C or SIGTERM.
 
@@ -198,6 +205,9 @@ def serve(
     Shows done / failed / dead / in-flight counts (a plain line every 5 s when
     stdout is not a terminal). The first Ctrl-C or SIGTERM stops fetching and
     lets in-flight tasks finish within --grace; a second one exits at once.
+
+    OpenTelemetry (spans per task, metrics) is switched on by the standard
+    OTEL_* variables (OTLP: pip install 'jsworker[otel]') or --otel-console.
 
     \b
     Examples:
@@ -228,13 +238,18 @@ def serve(
     check_target(obj)
 
     async def main() -> None:
-        with ShutdownSignals() as signals:
+        with (
+            ShutdownSignals() as signals,
+            otel_session(console=otel_console, service="jsworker-serve") as telemetry,
+        ):
             nc: NATS | None = None
             if needs_connection(obj):
                 nc = await conn.connect(long_running=True, name="jsworker-serve")
             worker: Worker | None = None
             try:
                 worker = await build_worker(obj, nc, conn)
+                if telemetry is not None:
+                    worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
                 await serve_worker(worker, grace=grace, url=conn.url, signals=signals)
             finally:
                 for client in {c for c in (nc, worker.nc if worker else None) if c is not None}:
