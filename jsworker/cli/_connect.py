@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -174,11 +175,22 @@ def connection_options(f: F) -> F:
     return f
 
 
+def _background_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An exception no task retrieved (nats-py's own tasks, e.g. closing a connection
+    the server dropped, which uvloop reports where asyncio stays silent): one line on
+    stderr, the traceback only at DEBUG."""
+    exc = context.get("exception")
+    what = context.get("message") or "background error"
+    err(f"{what}: {type(exc).__name__}: {exc}" if exc is not None else what, style="dim")
+    logging.getLogger("jsworker.cli").debug("%s", what, exc_info=exc)
+
+
 def run(coro: Coroutine[Any, Any, T], *, loop_factory: LoopFactory | None = None) -> T:
     """Run a command's coroutine (on ``loop_factory``'s loop, default asyncio's);
     library and NATS errors become one red line, exit 1."""
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.get_loop().set_exception_handler(_background_error)
             return runner.run(coro)
     except JSWorkerError as e:
         raise CLIError(str(e)) from None

@@ -253,6 +253,9 @@ def serve(
                 await serve_worker(worker, grace=grace, url=conn.url, signals=signals)
             finally:
                 for client in {c for c in (nc, worker.nc if worker else None) if c is not None}:
-                    await client.close()
+                    try:
+                        await client.close()
+                    except Exception as e:  # a connection the server dropped (uvloop)
+                        err(f"closing the connection: {type(e).__name__}: {e}", style="dim")
 
     run(main(), loop_factory=loop_factory)
