@@ -271,6 +271,8 @@ def test_repl_joins_a_partitioned_cluster(
             "    return {'v': 'repl-v1'}",
         )
         asyncio.run(members_are(3))
+        out = s.statement(f"await partition_map({t!r})")
+        assert f"map {t}: 3 members" in out
         batch = (
             f"outs = [await (await submit({t!r}, {{'k': f'k{{i}}', 'i': i}}, key=f'k{{i}}'))"
             ".result(timeout=30) for i in range(32)]"
