@@ -53,6 +53,8 @@ async def test_define_submit_redefine_in_cells(
     )
     res = await kernel.ok(f"await session.submit({t!r}, {{'text': 'hi'}}, wait=True)")
     assert res.text == "'HI'"
+    res = await kernel.ok("1 + 1;  # a trailing ';' still hides the value")
+    assert res.data == []
     # redefined in a later cell: the next task runs the new code
     await kernel.ok(
         textwrap.dedent(f"""

@@ -64,6 +64,10 @@ class GroupMap:
         ]
         if m.unassigned:
             rows.append(["(unassigned)", len(m.unassigned), _ranges(m.unassigned)])
+        if m.not_consumed:  # assigned, but the member's consumer is not there (yet)
+            rows.append(
+                ["(assigned, not consumed yet)", len(m.not_consumed), _ranges(m.not_consumed)]
+            )
         return _html_table(
             f"{title}: {len(m.members)} members, {m.max_partitions} partitions, "
             f"revision {m.revision}",

@@ -195,7 +195,18 @@ def _append_after_cell(lines: list[str]) -> list[str]:
     head: list[str] = []
     if state.autoconnect is not None and state.session is None:
         head = [_BEFORE + "\n"]
-    return [*head, *lines, _AFTER + "\n"]
+    # IPython reads a trailing ';' (output suppressed) from the transformed cell's end
+    tail = ";" if _ends_with_semicolon("".join(lines)) else ""
+    return [*head, *lines, _AFTER + tail + "\n"]
+
+
+def _ends_with_semicolon(source: str) -> bool:
+    from IPython.core.displayhook import DisplayHook
+
+    try:
+        return bool(DisplayHook.semicolon_at_end_of_expression(source))  # type: ignore[no-untyped-call]
+    except Exception:  # a cell that does not tokenize: compiling it reports that
+        return False
 
 
 class _FoldLast(ast.NodeTransformer):

@@ -52,7 +52,7 @@ BANNER = """\
 jsworker {version} REPL: worker {worker} on {url}{group}
   @handle("type") def/async def ...   live at once; define it again to replace it
   await submit("type", {{...}}, wait=True)   await tail(run_id)   await status()
-  await remove("type")   await partitions("type")   session, worker, client
+  await remove("type")   await partition_map("type")   session, worker, client
   Ctrl-C interrupts the line, Ctrl-D leaves (the worker stops with its grace period)"""
 
 
@@ -106,6 +106,7 @@ def namespace(session: Session) -> dict[str, Any]:
         "tail": session.tail,
         "status": session.status,
         "partitions": session.partitions,
+        "partition_map": session.partition_map,
         "TaskContext": jsworker.TaskContext,
     }
 
