@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -18,6 +19,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from .._errors import JSWorkerError
+from .._loop import LoopFactory
 from ._output import CLIError, err
 
 T = TypeVar("T")
@@ -173,10 +175,23 @@ def connection_options(f: F) -> F:
     return f
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; library and NATS errors become one red line, exit 1."""
+def _background_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An exception no task retrieved (nats-py's own tasks, e.g. closing a connection
+    the server dropped, which uvloop reports where asyncio stays silent): one line on
+    stderr, the traceback only at DEBUG."""
+    exc = context.get("exception")
+    what = context.get("message") or "background error"
+    err(f"{what}: {type(exc).__name__}: {exc}" if exc is not None else what, style="dim")
+    logging.getLogger("jsworker.cli").debug("%s", what, exc_info=exc)
+
+
+def run(coro: Coroutine[Any, Any, T], *, loop_factory: LoopFactory | None = None) -> T:
+    """Run a command's coroutine (on ``loop_factory``'s loop, default asyncio's);
+    library and NATS errors become one red line, exit 1."""
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.get_loop().set_exception_handler(_background_error)
+            return runner.run(coro)
     except JSWorkerError as e:
         raise CLIError(str(e)) from None
     except nats.js.errors.APIError as e:

