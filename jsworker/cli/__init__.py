@@ -40,6 +40,7 @@ def cli(
     ctx: click.Context,
     url: str,
     creds: str | None,
+    nkey: str | None,
     user: str | None,
     password: str | None,
     token: str | None,
@@ -65,6 +66,7 @@ def cli(
     ctx.obj = ConnOptions(
         url=url,
         creds=creds,
+        nkey=nkey,
         user=user,
         password=password,
         token=token,
