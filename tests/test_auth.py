@@ -16,11 +16,10 @@ from pathlib import Path
 
 import nats
 import pytest
+from authkit import Certs, Operator, make_certs, tls_config, user_key
 
 import jsworker
 from jsworker import EmbeddedServer
-
-from authkit import Certs, Operator, make_certs, tls_config, user_key
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -160,7 +159,7 @@ async def test_creds_file_operator_mode(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGINT)
             out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
-        assert "Traceback" not in err.decode()
+        assert "serving creds-echo on " in out.decode() and "Traceback" not in err.decode()
 
         p = await acli("--url", srv.url, "--creds", str(forged), "workers")
         one_line_error(p, "refused the credentials")
@@ -200,4 +199,3 @@ async def test_tls_without_tls_options_says_so(certs: Certs) -> None:
         p = await acli("--url", srv.url, "workers")
         assert p.returncode == 1, p.stderr
         assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
-
