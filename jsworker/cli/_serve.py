@@ -197,7 +197,7 @@ def serve(conn: ConnOptions, target: str, app_dir: str, grace: float | None) -> 
             worker: Worker | None = None
             try:
                 worker = await build_worker(obj, nc, conn)
-                await serve_worker(worker, grace=grace, url=conn.url, signals=signals)
+                await serve_worker(worker, grace=grace, url=conn.display_url, signals=signals)
             finally:
                 for client in {c for c in (nc, worker.nc if worker else None) if c is not None}:
                     await client.close()
