@@ -256,17 +256,40 @@ def check_nkey_file(path: str) -> None:
     _check_seed(_read(path, "nkey seed file"), path, "nkey seed file")
 
 
+_denied: list[str] = []
+
+
+def denied() -> str | None:
+    """The last "permissions violation" the server reported in this process, if any."""
+    return _denied[-1] if _denied else None
+
+
+def denied_message(violation: str) -> str:
+    text = violation.removeprefix("nats: ")
+    return (
+        f"the NATS server refused a request of this user ({text}); "
+        "docs/security.md lists the permissions each role needs"
+    )
+
+
 class _ErrorReporter:
     """nats-py's ``error_cb`` (which must be a coroutine function, hence :meth:`cb`). Its
     default logs a traceback; here errors while connecting are reported by the command
-    itself, and later ones (a long-running command's disconnects) as one yellow line."""
+    itself, and later ones (a long-running command's disconnects) as one yellow line.
+
+    A request the user may not publish is dropped by the server, which tells the client
+    only through this callback; the request then just times out. The violation is kept
+    so that :func:`run` reports it instead of "did not answer in time"."""
 
     def __init__(self) -> None:
         self.loud = False
 
     async def cb(self, e: Exception) -> None:
+        text = str(e) or type(e).__name__
+        if "permissions violation" in text.lower():
+            _denied.append(text)
         if self.loud:
-            err(f"nats: {e or type(e).__name__}", style="yellow")
+            err(f"nats: {text}", style="yellow")
 
 
 pass_conn = click.make_pass_decorator(ConnOptions)
@@ -335,6 +358,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except JSWorkerError as e:
+        violation = denied()
+        if violation and "time" in str(e).lower():  # a library timeout caused by a denial
+            raise CLIError(denied_message(violation)) from None
         raise CLIError(str(e)) from None
     except nats.js.errors.ServiceUnavailableError:
         raise CLIError(
@@ -345,7 +371,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         if e.code is None and e.description in (None, "None"):
             raise CLIError(f"JetStream refused: {type(e).__name__}") from None
         raise CLIError(f"JetStream refused: {e.description or e}") from None
-    except nats.errors.TimeoutError:
+    except (nats.errors.TimeoutError, TimeoutError):
+        violation = denied()
+        if violation:
+            raise CLIError(denied_message(violation)) from None
         raise CLIError("the NATS server did not answer in time") from None
     except (nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError):
         raise CLIError("the connection to NATS was lost") from None

@@ -23,8 +23,8 @@ from rich.text import Text
 from .. import _names as n
 from .._directory import list_workers
 from .._errors import NotProvisionedError
-from ._connect import ConnOptions, pass_conn, run, with_nc
-from ._output import console, print_json, print_json_line, safe, safe_text
+from ._connect import ConnOptions, denied, denied_message, pass_conn, run, with_nc
+from ._output import CLIError, console, print_json, print_json_line, safe, safe_text
 
 DEFAULT_TTL = 60.0  # the bucket's max age as `kv setup` creates it
 
@@ -129,6 +129,9 @@ def watch(conn: ConnOptions, as_json: bool, timeout: float | None) -> None:
                 await watch_directory(nc, lambda ev: _print_event(ev, as_json))
 
     run(with_nc(conn, go))
+    violation = denied()
+    if violation:  # the watch never started: say why rather than exit 0 in silence
+        raise CLIError(denied_message(violation))
 
 
 def _print_event(ev: dict[str, Any], as_json: bool) -> None:
