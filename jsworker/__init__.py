@@ -5,6 +5,16 @@ The public API is what this module exports; everything in ``_modules`` is privat
 
 from ._client import Client, StreamItem, TaskHandle, TaskRequest
 from ._context import Outcome, TaskCancelledError, TaskContext, TaskInfo
+from ._dead import (
+    DeadLetter,
+    DeadLetterNotFound,
+    ReplayError,
+    ReplayResult,
+    get_dead,
+    list_dead,
+    purge_dead,
+    replay_dead,
+)
 from ._directory import list_workers
 from ._errors import (
     ConfigError,
@@ -36,6 +46,8 @@ __all__ = [
     "Client",
     "ConfigError",
     "ConsumerConflictError",
+    "DeadLetter",
+    "DeadLetterNotFound",
     "EmbeddedCluster",
     "EmbeddedServer",
     "EmbeddedServerError",
@@ -48,6 +60,8 @@ __all__ = [
     "PayloadError",
     "PermanentError",
     "ProvisionResult",
+    "ReplayError",
+    "ReplayResult",
     "RetryPolicy",
     "RetryableError",
     "ServerError",
@@ -66,7 +80,11 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "find_nats_server",
+    "get_dead",
+    "list_dead",
     "list_workers",
+    "purge_dead",
+    "replay_dead",
     "setup_all",
     "setup_kv_buckets",
     "setup_streams",

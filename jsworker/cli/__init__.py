@@ -3,7 +3,8 @@
 * ``_connect``: the root's connection options, connecting, error mapping (``run``);
 * ``_output`` / ``_input``: rich and JSON output, JSON arguments;
 * ``_kv``, ``_serve`` (+ ``_importer``), ``_dev`` (+ ``_demo``), ``_task``,
-  ``_signal``, ``_workers``, ``_partitions``: the commands.
+  ``_signal``, ``_workers``, ``_partitions``, ``_dead``,
+  ``_queues``, ``_top``: the commands.
 
 Errors the user can act on are one red line on stderr and exit code 1; usage errors
 exit 2. Signal handlers are installed only here (``serve``, ``dev``), never by the
@@ -16,12 +17,15 @@ import click
 
 from .._version import __version__
 from ._connect import ConnOptions, connection_options
+from ._dead import dead_group
 from ._dev import dev
 from ._kv import kv_group
 from ._partitions import partitions_group
+from ._queues import queues
 from ._serve import serve
 from ._signal import signal_group
 from ._task import task_group
+from ._top import top
 from ._workers import workers
 
 
@@ -77,7 +81,18 @@ def cli(
     )
 
 
-for command in (kv_group, serve, dev, task_group, workers, signal_group, partitions_group):
+for command in (
+    kv_group,
+    serve,
+    dev,
+    task_group,
+    workers,
+    signal_group,
+    partitions_group,
+    dead_group,
+    queues,
+    top,
+):
     cli.add_command(command)
 
 
