@@ -176,6 +176,12 @@ async def test_secrets_in_the_url_are_never_printed(tmp_path: Path) -> None:
                 ["task", "cancel", run_id],
                 ["partitions", "list", "--json"],
                 ["partitions", "show", ttype],
+                ["queues"],
+                ["queues", "--json"],
+                ["top", "--once"],
+                ["top", "--once", "--json"],
+                ["dead", "list"],
+                ["dead", "list", "--json"],
             ]
             for args in runs:
                 p = await acli(*args, env=env)
@@ -324,6 +330,14 @@ async def test_task_submit_wait_prints_a_hostile_error_as_text(
         assert p.returncode == 0, p.stderr
         terminal_safe(p.stdout)
         assert "[/]x[bold]y\\u001b[31mred" in p.stdout  # JSON-escaped, then shown as text
+    # commands whose tables show the dead letter's error text (the console's safety net
+    # escapes what a command did not)
+    for args in (["dead", "list", "--type", ttype], ["top", "--once"], ["queues"]):
+        p = await acli(*args, env=server_env)
+        assert p.returncode == 0, (args, p.stderr)
+        terminal_safe(p.stdout)
+    p = await acli("dead", "list", "--type", ttype, env=server_env, columns=400)
+    assert "[/]x[bold]y\\x1b[31mred" in p.stdout, p.stdout
 
 
 async def test_partitions_show_prints_hostile_members_as_text(

@@ -21,14 +21,33 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import IO, Any
 
 import click
 from rich.console import Console
+from rich.segment import Segment
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+
+class _TerminalSafeConsole(Console):
+    """A rich console that never writes a control character it did not make itself.
+
+    The safety net under :func:`safe_text`: every command prints wire strings through
+    ``safe_text``, and should one be missed (a new command, a new field), its text
+    segments are still escaped here before rich adds its own styling. Segments rich marks
+    as control (cursor moves of ``Live``) and the line breaks of its layout pass."""
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        return super()._render_buffer(
+            seg if seg.control or not _UNSAFE_IN_LAYOUT.search(seg.text)
+            else Segment(_UNSAFE_IN_LAYOUT.sub(_escape, seg.text), seg.style, seg.control)
+            for seg in buffer
+        )  # fmt: skip
+
+
+console: Console = _TerminalSafeConsole()
+err_console: Console = _TerminalSafeConsole(stderr=True)
 
 REDACTED = "***"
 
@@ -54,6 +73,8 @@ EVENT_STYLE = {
 # C0 controls, DEL, C1 controls, and the Unicode bidi embeddings/overrides/isolates
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# what may not reach the terminal even inside rich's own layout (where "\n" ends lines)
+_UNSAFE_IN_LAYOUT = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 _secrets: set[str] = set()
 
