@@ -467,3 +467,60 @@ async def test_watch_directory_reports_an_expired_entry(fresh_server: EmbeddedSe
         assert events[0]["event"] in ("joined", "present") and events[1]["event"] == "expired"
     finally:
         await nc.close()
+
+
+# ------------------------------------------------------------------ dev --cluster
+CLUSTER_APP = textwrap.dedent(
+    """
+    import jsworker
+
+    async def make_worker(nc):
+        si = await nc.jetstream().stream_info("TASK_QUEUES")
+        print("REPLICAS", si.config.num_replicas, 1 + len(si.cluster.replicas or []),
+              flush=True)
+        w = jsworker.Worker(nc, grace_period=1)
+        w.handle("cluster-echo", lambda ctx: ctx.json())
+        return w
+    """
+)
+
+
+async def test_dev_cluster_runs_three_nodes_with_replicas_3(tmp_path: Path) -> None:
+    (tmp_path / "cluster_app.py").write_text(CLUSTER_APP)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jsworker.cli", "dev", "--cluster", "3",
+        "--app", "cluster_app:make_worker", "--app-dir", str(tmp_path),
+        env={**os.environ, "COLUMNS": "250"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        while not (lines and lines[-1].startswith("REPLICAS")):
+            line = (await asyncio.wait_for(proc.stdout.readline(), 90)).decode()
+            assert line, f"dev --cluster exited: {lines}"
+            lines.append(line.strip())
+        urls = [ln.split("listening on ")[1] for ln in lines if "listening on" in ln]
+        assert len(urls) == 3 and len(set(urls)) == 3, lines
+        assert f"export NATS_URL={','.join(urls)}" in "\n".join(lines)
+        assert any("(replicas 3)" in ln for ln in lines), lines
+        assert lines[-1] == "REPLICAS 3 3"  # configured R3, and 3 peers really hold it
+        # the worker serves through any node
+        nc = await nats.connect(urls[2])
+        try:
+            h = await jsworker.Client(nc).submit("cluster-echo", {"n": 3})
+            assert await h.result(timeout=30) == {"n": 3}
+        finally:
+            await nc.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode()
+
+
+def test_dev_cluster_refuses_port_and_store_dir() -> None:
+    p = cli("dev", "--demo", "--cluster", "3", "--port", "4333")
+    assert p.returncode == 2 and "drop --port/--store-dir" in p.stderr
+    p = cli("dev", "--demo", "--cluster", "2")
+    assert p.returncode == 2 and "3<=x<=9" in p.stderr.replace(" ", "")
