@@ -32,11 +32,12 @@ from ._errors import (
     TaskError,
     TaskFailed,
     TaskTimeout,
+    WorkerFailedError,
 )
 from ._provision import ProvisionResult, setup_all, setup_kv_buckets, setup_streams
 from ._retry import RetryPolicy
 from ._server import EmbeddedCluster, EmbeddedServer, find_nats_server
-from ._services import SignalTimeoutError
+from ._services import CorruptValueError, SignalTimeoutError
 from ._stats import WorkerStats
 from ._telemetry import Telemetry
 from ._version import __version__
@@ -46,6 +47,7 @@ __all__ = [
     "Client",
     "ConfigError",
     "ConsumerConflictError",
+    "CorruptValueError",
     "DeadLetter",
     "DeadLetterNotFound",
     "EmbeddedCluster",
@@ -77,6 +79,7 @@ __all__ = [
     "TaskTimeout",
     "Telemetry",
     "Worker",
+    "WorkerFailedError",
     "WorkerStats",
     "__version__",
     "find_nats_server",

@@ -18,11 +18,12 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nats.js.kv import KeyValue
 
 from ._aio import cancel_and_wait
+from ._errors import ServerError
 from ._services import CANCEL_SIGNAL, KV_DEL_OPS
 
 log = logging.getLogger("jsworker.cancel")
@@ -30,9 +31,15 @@ MAX_REMEMBERED = 100_000
 
 
 class CancelWatcher:
-    def __init__(self, kv: KeyValue | None, on_cancel: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        kv: KeyValue | None,
+        on_cancel: Callable[[str, str], None],
+        spawn: Callable[[str, Callable[[], Awaitable[None]]], asyncio.Task[None]],
+    ) -> None:
         self.kv = kv
         self.on_cancel = on_cancel
+        self.spawn = spawn
         self.cancelled: OrderedDict[str, str] = OrderedDict()
         self._watcher: KeyValue.KeyWatcher | None = None
         self._task: asyncio.Task[None] | None = None
@@ -48,14 +55,19 @@ class CancelWatcher:
     async def start(self) -> None:
         if self.kv is None:
             return
-        self._watcher = await self.kv.watch(f"*.{CANCEL_SIGNAL}")
-        self._task = asyncio.create_task(self._loop(), name="jsworker-cancel-watch")
+        self._task = self.spawn("cancel-watch", self._loop)
         # wait for the existing records so queued tasks of cancelled runs are caught
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), 5.0)
 
     async def _loop(self) -> None:
-        assert self._watcher is not None
+        """Follow the cancel records. Supervised: a watch that ends or fails is started
+        again (it first delivers every current record, so nothing is missed)."""
+        assert self.kv is not None
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
+        self._watcher = await self.kv.watch(f"*.{CANCEL_SIGNAL}")
         async for entry in self._watcher:
             if entry is None:
                 self._ready.set()
@@ -77,6 +89,7 @@ class CancelWatcher:
                 self.on_cancel(run_id, reason)
             except Exception:  # pragma: no cover - defensive
                 log.exception("cancel callback failed")
+        raise ServerError("the cancel watch ended")  # the supervisor starts it again
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)

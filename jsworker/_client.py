@@ -173,32 +173,44 @@ class Client:
     ) -> tuple[str, bytes, str, str, str]:
         n.validate_task_type(task_type)
         if key is not None:
-            n.validate_token(key, "partition key")
+            n.validate_key(key)
         if group is not None:
             n.validate_group(group)
-        run_id = n.validate_token(run_id, "run id") if run_id is not None else n.new_run_id()
-        step_id = n.validate_token(step_id, "step id") if step_id is not None else task_type
+        run_id = n.validate_run_id(run_id) if run_id is not None else n.new_run_id()
+        step_id = n.validate_step_id(step_id) if step_id is not None else task_type
         tp, ts = current_traceparent()
         task_id = n.new_task_id()
+        value = w.to_json_value(input, "input")
         body = w.TaskPayload(
             task_id=task_id,
             run_id=run_id,
             step_id=step_id,
             iteration=0,
             attempt=1,
-            input=w.to_json_value(input, "input"),
+            input=value,
             metadata={str(k): str(v) for k, v in (metadata or {}).items()},
             traceparent=tp,
             tracestate=ts,
         ).encode()
-        limit = self.nc.max_payload
-        if limit and len(body) > limit:
-            raise PayloadError(
-                f"task payload is {len(body)} bytes, over the server's max_payload of {limit} "
-                "bytes; store large inputs elsewhere (object store) and pass a reference"
-            )
+        self._check_size(body, value, f"{run_id}.{step_id}.0")
         subject = n.task_subject(task_type, key if key is not None else run_id, group)
         return subject, body, run_id, step_id, task_id
+
+    def _check_size(self, body: bytes, value: Any, msg_id: str) -> None:
+        """Refuse a task the server would refuse: body plus headers over ``max_payload``.
+        (nats-py checks the body only; the server drops the connection of a publisher
+        that sends more, which the caller would see as a timeout.)"""
+        limit = self.nc.max_payload
+        hdrs = w.headers_size({"Nats-Msg-Id": msg_id})
+        if not limit or len(body) + hdrs <= limit:
+            return
+        envelope = len(body) - len(w.dumps(value))
+        raise PayloadError(
+            f"task payload is {len(body)} bytes plus {hdrs} bytes of headers, over the "
+            f"server's max_payload of {limit} bytes: the input (as JSON) can be at most "
+            f"{max(0, limit - hdrs - envelope)} bytes here; store large inputs elsewhere "
+            "(object store) and pass a reference"
+        )
 
     async def submit(
         self,
@@ -216,10 +228,14 @@ class Client:
 
         ``key`` is the partition key for partitioned handlers (tasks with one key run
         one at a time, in order); it defaults to the run id. It becomes the subject's
-        last token, so it follows the same naming rules.
+        last token, so it follows the same naming rules. ``run_id``, ``step_id`` (default:
+        the task type) and ``key`` are subject tokens of at most 128 characters
+        (docs/wire.md, "Limits").
 
-        Raises ``InvalidNameError`` for bad names, ``PayloadError`` for non-JSON or
-        oversized input, ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
+        Raises ``InvalidNameError`` for bad names, ``PayloadError`` for input that is not
+        JSON (``NaN`` and infinities included) or does not fit in the server's
+        ``max_payload`` with its envelope and headers (the message gives the largest
+        input that fits), ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
         ``stream=True`` subscribes to the task's partial results before publishing, so
         ``handle.stream()`` sees every chunk."""
         subject, body, run_id, step_id, task_id = self._build(

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from ._duration import Duration, seconds
 from ._errors import OutcomeAlreadySetError, TaskError
 from ._retry import clamp_retry_after
+from ._services import CorruptValueError
 from ._wire import JSON, TaskPayload, to_json_value
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class Outcome:
     output: JSON = None
     error: str = ""
     delay: float | None = None
+    #: the handler's traceback when it raised (kept in ``step.failed`` events)
+    traceback: str | None = None
 
 
 class TaskCancelledError(TaskError):
@@ -180,8 +183,13 @@ class TaskContext:
         self._checkpointed = True
 
     async def load_checkpoint(self) -> Any:
-        """The last saved checkpoint, or ``None``."""
-        state = await self._services.load_checkpoint(self.info)
+        """The last saved checkpoint, or ``None``. Raises :class:`CorruptValueError` when
+        the stored value is not JSON (it is still deleted when the task finishes)."""
+        try:
+            state = await self._services.load_checkpoint(self.info)
+        except CorruptValueError:
+            self._checkpointed = True
+            raise
         if state is not None:
             self._checkpointed = True
         return state
@@ -189,10 +197,11 @@ class TaskContext:
     async def wait_for_signal(self, name: str, timeout: Duration) -> Any:
         """Wait for signal ``name`` of this run (sent before or after this call).
 
-        ``timeout`` must be in (0, 1 h]; raises :class:`SignalTimeoutError` when it passes.
+        ``timeout`` must be in (0, 1 h]; raises :class:`SignalTimeoutError` when it passes
+        and :class:`CorruptValueError` when the signal's value is not JSON.
         """
         t = seconds(timeout, name="timeout", maximum=3600.0)
-        return await self._services.wait_for_signal(self.info.run_id, name, t, self)
+        return await self._services.wait_for_signal(self.info.run_id, name, t)
 
     async def send_signal(self, run_id: str, name: str, data: object = None) -> None:
         """Send signal ``name`` to run ``run_id``."""

@@ -90,8 +90,19 @@ class DeadLetter:
 
     @property
     def replayable(self) -> bool:
-        return self.kind not in (w.INVALID_PAYLOAD, UNREADABLE) and bool(
-            self.run_id and self.step_id
+        return (
+            self.kind not in (w.INVALID_PAYLOAD, UNREADABLE)
+            and bool(self.run_id and self.step_id)
+            and not self.truncated
+        )
+
+    @property
+    def truncated(self) -> bool:
+        """The record's task input or metadata was truncated to fit ``max_payload``
+        (``input_truncated``, docs/wire.md): the original cannot be re-submitted."""
+        task = self.raw.get("task")
+        return isinstance(task, dict) and any(
+            task.get(f) is True for f in ("input_truncated", "metadata_truncated")
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -393,6 +404,12 @@ async def replay_dead(nc: NATS, dl: DeadLetter, *, dry_run: bool = False) -> Rep
         raise ReplayError(
             f"dead letter {dl.seq} ({dl.kind}) holds no valid task to re-submit"
             + (": the body never parsed as a task" if dl.kind == w.INVALID_PAYLOAD else "")
+            + (
+                ": its input was truncated to fit the server's max_payload (the record keeps "
+                "its size and sha256 only)"
+                if dl.truncated
+                else ""
+            )
         )
     assert dl.run_id is not None and dl.step_id is not None
     client = Client(nc)

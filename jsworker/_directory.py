@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.js.errors
@@ -29,20 +29,17 @@ log = logging.getLogger("jsworker.directory")
 REFRESH_EVERY = 30.0
 
 
-class DirectoryEntry:
-    def __init__(self, describe: Callable[[], dict[str, Any]]) -> None:
-        self.describe = describe
-
-
 class Directory:
     def __init__(
         self,
         nc: NATS,
         worker_id: str,
         describe: Callable[[], dict[str, Any]],
+        spawn: Callable[[str, Callable[[], Awaitable[None]]], asyncio.Task[None]],
         refresh_every: float = REFRESH_EVERY,
     ) -> None:
         self.nc = nc
+        self.spawn = spawn
         self.worker_id = worker_id
         self.describe = describe
         self.refresh_every = refresh_every
@@ -70,7 +67,7 @@ class Directory:
                 "run `jsworker kv setup` (or jsworker.setup_all(nc))"
             ) from None
         await self.refresh()
-        self._task = asyncio.create_task(self._loop(), name="jsworker-directory")
+        self._task = self.spawn("directory", self._loop)
 
     async def refresh(self) -> None:
         assert self.kv is not None

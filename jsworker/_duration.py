@@ -34,7 +34,3 @@ def seconds(
     if maximum is not None and s > maximum:
         raise ConfigError(f"{name} must be at most {maximum:g}s, got {s:g}s")
     return s
-
-
-def to_ns(s: float) -> int:
-    return int(s * 1_000_000_000)

@@ -26,6 +26,11 @@ class LifecycleError(JSWorkerError, RuntimeError):
     """A call made in the wrong state (handler after start, start twice, ...)."""
 
 
+class WorkerFailedError(JSWorkerError):
+    """The worker cannot go on (a background loop failed for good, or its NATS
+    connection was closed). Raised by ``Worker.run()``; ``__cause__`` is the failure."""
+
+
 class ServerError(JSWorkerError):
     """The NATS server refused or could not be reached."""
 

@@ -1,6 +1,7 @@
 """Handler registration and the per-handler runtime: its consumers, pull loops and
 heartbeats. Each handler's runtime is independent of every other's, so a running worker
-can gain, replace or lose one handler without touching the rest."""
+can gain, replace or lose one handler without touching the rest. A runtime gets a
+:class:`~jsworker._env.RuntimeEnv` from its worker and nothing else."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -20,17 +21,16 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from . import _names as n
 from ._aio import cancel_and_wait
 from ._duration import Duration, seconds
+from ._env import RuntimeEnv
 from ._errors import ConfigError, ConsumerConflictError, NotProvisionedError, ServerError
 from ._pull import PullLoop, Slots
 from ._retry import RetryPolicy
-
-if TYPE_CHECKING:
-    from ._worker import Worker
 
 log = logging.getLogger("jsworker.handler")
 
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_ITERATIONS = 100
+MAX_PARTITIONS = 256
 _ERR_NOT_UNIQUE = 10100  # filtered consumer not unique on work-queue stream
 
 
@@ -41,9 +41,11 @@ class HandlerSpec:
     ``ack_wait``: lease per delivery (default 30 s); heartbeats renew it every third.
     ``retry``: the retry policy (default: the worker's, itself 5 s fixed, 10 attempts).
     ``max_iterations``: bound for ``continue_`` loops (default 100).
-    ``concurrency``: most tasks of this type pulled at once (default: the worker's
-    ``concurrency``). The worker-wide ``concurrency`` still bounds how many *run*;
-    pulled tasks waiting for a run slot are heartbeated like running ones.
+    ``concurrency``: most tasks of this type leased at once (default: no cap of its
+    own). Every handler draws from the worker-wide pool of ``concurrency`` credits too.
+    ``partitions``: elastic partitions 1-256 (0: one shared consumer); ``singleton`` is
+    one partition with at most one task running at a time.
+    ``version``: 1, then +1 each time the handler's code is replaced on a live worker.
     """
 
     task_type: str
@@ -54,6 +56,25 @@ class HandlerSpec:
     max_iterations: int
     singleton: bool = False
     concurrency: int | None = None
+    partitions: int = 0
+    version: int = 1
+
+    @property
+    def needs_new_consumer(self) -> tuple[object, ...]:
+        """The options that shape the consumer or the group membership: changing one
+        on a live worker re-creates the handler's runtime (drain, then start again)."""
+        return (self.partitions, self.singleton, round(self.ack_wait, 3))
+
+    def replacing(self, old: HandlerSpec) -> HandlerSpec:
+        return replace(self, version=old.version + 1)
+
+
+def validate_partitions(partitions: object, what: str = "partitions") -> int:
+    if not isinstance(partitions, int) or isinstance(partitions, bool):
+        raise ConfigError(f"{what} must be an int, got {partitions!r}")
+    if not 0 <= partitions <= MAX_PARTITIONS:
+        raise ConfigError(f"{what} must be between 0 and {MAX_PARTITIONS}, got {partitions}")
+    return partitions
 
 
 def make_spec(
@@ -67,6 +88,7 @@ def make_spec(
     default_retry: RetryPolicy,
     singleton: bool = False,
     concurrency: int | None = None,
+    partitions: int = 0,
 ) -> HandlerSpec:
     n.validate_task_type(task_type)
     if not callable(fn):
@@ -80,8 +102,11 @@ def make_spec(
     mi = DEFAULT_MAX_ITERATIONS if max_iterations is None else max_iterations
     if not isinstance(mi, int) or isinstance(mi, bool) or mi < 1:
         raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
-    if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+    if concurrency is not None and (
+        not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1
+    ):
         raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    partitions = 1 if singleton else validate_partitions(partitions)
     return HandlerSpec(
         task_type,
         fn,
@@ -91,51 +116,92 @@ def make_spec(
         mi,
         singleton,
         concurrency,
+        partitions,
     )
 
 
 class HandlerRuntime:
     """The running side of one handler: one durable consumer and pull loop per group
-    (or one for all groups), plus a heartbeat loop for its in-flight tasks."""
+    (or one for all groups), plus a heartbeat loop for the tasks it holds.
+
+    ``spec`` is read by the executor when a task starts, so assigning a new spec swaps
+    the code for the next task while running ones finish on the old."""
 
     #: partitioned runtimes run a key's tasks one at a time and retry in place
     ordered = False
 
-    def __init__(self, worker: Worker, spec: HandlerSpec) -> None:
-        self.worker = worker
+    def __init__(self, env: RuntimeEnv, spec: HandlerSpec) -> None:
+        self.env = env
         self.spec = spec
         self.loops: list[PullLoop] = []
         self.inflight: dict[asyncio.Task[None], tuple[Msg, float]] = {}
         self._hb_task: asyncio.Task[None] | None = None
         self.consumers: list[str] = []
-        self.slots = Slots(spec.concurrency or worker.concurrency)
+        self.slots = (
+            Slots(spec.concurrency, parent=env.credits) if spec.concurrency else env.credits
+        )
+        #: set when the runtime starts draining: tasks not started yet are handed back,
+        #: retry waits end early
+        self.draining = asyncio.Event()
+        #: grace for the next drain when it is not the worker's (``remove_handler``)
+        self.drain_grace: float | None = None
 
     @property
-    def groups(self) -> tuple[str | None, ...]:
-        return self.worker.groups or (None,)
+    def task_type(self) -> str:
+        return self.spec.task_type
+
+    def swap(self, spec: HandlerSpec) -> None:
+        """Replace the code and per-task options (same consumer shape)."""
+        assert spec.needs_new_consumer == self.spec.needs_new_consumer
+        if spec.concurrency != self.spec.concurrency and self.slots is not self.env.credits:
+            self.slots.resize(spec.concurrency or self.env.credits.size)
+        self.spec = spec
+
+    def _pull_loop(
+        self,
+        stream: str,
+        consumer: str,
+        dispatch: Callable[[Msg], None],
+        *,
+        expires: float,
+        extra: Callable[[], dict[str, Any]] | None = None,
+        on_status: Callable[[str, str, Msg], Awaitable[None]] | None = None,
+    ) -> PullLoop:
+        return PullLoop(
+            self.env.nc,
+            stream,
+            consumer,
+            self.slots,
+            dispatch,
+            spawn=self.env.supervisor.spawn,
+            batch=min(self.env.batch, self.slots.size),
+            expires=expires,
+            extra=extra,
+            on_status=on_status,
+        )
 
     async def start(self) -> None:
-        for group in self.groups:
+        for group in self.env.groups:
             name = n.consumer_name(self.spec.task_type, group)
             await self._ensure_consumer(name, n.task_filter(self.spec.task_type, group))
             self.consumers.append(name)
         for name in self.consumers:
-            loop = PullLoop(
-                self.worker.nc,
+            loop = self._pull_loop(
                 n.TASK_STREAM,
                 name,
-                self.slots,
                 self._dispatch,
-                batch=min(self.worker.batch, self.slots.size),
-                expires=self.worker.pull_expires,
+                expires=self.env.pull_expires,
                 on_status=self._on_status,
             )
             await loop.start()
             self.loops.append(loop)
-        self._hb_task = asyncio.create_task(self._heartbeats(), name=f"hb:{self.spec.task_type}")
+        self._start_heartbeats()
+
+    def _start_heartbeats(self) -> None:
+        self._hb_task = self.env.supervisor.spawn(f"heartbeat:{self.task_type}", self._heartbeats)
 
     async def _ensure_consumer(self, name: str, filt: str) -> None:
-        js = self.worker.js
+        js = self.env.js
         want = ConsumerConfig(
             name=name,
             durable_name=name,
@@ -181,7 +247,7 @@ class HandlerRuntime:
             raise ServerError(f"creating consumer {name!r} failed: {e.description}") from None
 
     def _dispatch(self, msg: Msg) -> None:
-        task = asyncio.create_task(self.worker._execute(self, msg))
+        task = asyncio.create_task(self.env.executor.execute(self, msg))
         self.inflight[task] = (msg, time.monotonic())
         task.add_done_callback(self._done)
 
@@ -193,23 +259,26 @@ class HandlerRuntime:
         if code == "409" and "Deleted" in desc:
             # Not just a log line: the consumer is recreated so the worker keeps working,
             # and the event is counted in the worker's health.
-            self.worker.health.consumer_deleted += 1
+            self.env.health.consumer_deleted += 1
             log.error("consumer for %s was deleted; recreating it", self.spec.task_type)
-            with contextlib.suppress(Exception):
-                for group in self.groups:
+            try:
+                for group in self.env.groups:
                     await self._ensure_consumer(
                         n.consumer_name(self.spec.task_type, group),
                         n.task_filter(self.spec.task_type, group),
                     )
+            except Exception as e:
+                self.env.health.last_error = f"recreating consumer of {self.task_type}: {e}"
+                log.exception("recreating the consumer of %s failed", self.task_type)
         elif code == "409":
             log.debug("pull %s: 409 %s", self.spec.task_type, desc)
 
     async def _heartbeats(self) -> None:
-        """Renew the lease of every task running longer than a third of AckWait, so a
-        live worker's task is never redelivered; a dead worker stops renewing, and the
-        task is redelivered about one AckWait later."""
-        every = self.spec.ack_wait / 3
+        """Renew the lease of every task held longer than a third of AckWait, so a live
+        worker's task is never redelivered; a dead worker stops renewing, and the task
+        is redelivered about one AckWait later."""
         while True:
+            every = self.spec.ack_wait / 3
             await asyncio.sleep(every)
             now = time.monotonic()
             for msg, started in self.held():
@@ -226,10 +295,27 @@ class HandlerRuntime:
         return msg.subject
 
     def describe(self) -> dict[str, object]:
+        """Partitions held, by elastic group (empty when not partitioned)."""
         return {}
 
     async def stop_pulling(self) -> None:
         await asyncio.gather(*(lp.stop() for lp in self.loops))
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking tasks, let running ones finish within ``grace`` seconds (their
+        leases are renewed meanwhile), hand back (nak) the rest, release everything.
+        Used by ``Worker.stop`` and by removing or re-creating a live handler."""
+        self.draining.set()
+        await self.stop_pulling()
+        pending = list(self.inflight)
+        if pending:
+            # grace 0 means none: asyncio.wait(timeout=0) returns at once
+            _, late = await asyncio.wait(pending, timeout=grace)
+            for t in late:
+                t.cancel()  # the executor naks a task cancelled while draining
+            if late:
+                await asyncio.wait(late, timeout=5)
+        await self.stop()
 
     async def stop(self) -> None:
         await self.stop_pulling()

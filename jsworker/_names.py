@@ -14,6 +14,14 @@ Consumer names derive from one rule (:func:`consumer_name`):
 pairs map to one name unless a type itself contains ``__g_``; such types are refused,
 so the rule is injective. ``Worker.start()`` also checks an existing consumer of that
 name has the expected filter before using it.
+
+Ids (run, step, task) and partition keys follow the same token rules, with a maximum
+length of :data:`MAX_ID_LEN` (128) characters. The longest subject jsworker builds,
+``dead.{type}.{run_id}.{step_id}``, is then at most 391 characters (1,543 bytes even if
+every character took four bytes in UTF-8): well under the server's 4096-byte control-line
+limit, past which the server drops the publisher's connection (docs/wire.md, "Limits").
+The client enforces these rules when it submits, and the worker enforces them on bodies
+published by others (dead letter ``invalid_payload``).
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ PARTITION_GROUPS_BUCKET = "elastic-consumer-groups"
 
 _GROUP_SEP = "__g_"
 MAX_NAME_LEN = 128
+#: longest run id, step id, task id or partition key, in characters (docs/wire.md)
+MAX_ID_LEN = MAX_NAME_LEN
 _FORBIDDEN = re.compile(r"[.*>\s/\\\x00-\x1f\x7f]")
 
 
@@ -74,6 +84,27 @@ def validate_task_type(value: object) -> str:
 
 def validate_group(value: object) -> str:
     return validate_token(value, "worker group")
+
+
+def validate_run_id(value: object) -> str:
+    """A run id: a subject token of at most :data:`MAX_ID_LEN` characters."""
+    return validate_token(value, "run id")
+
+
+def validate_step_id(value: object) -> str:
+    """A step id: a subject token of at most :data:`MAX_ID_LEN` characters."""
+    return validate_token(value, "step id")
+
+
+def validate_task_id(value: object) -> str:
+    """A task id: never a subject token today, but it is written into every event and
+    dead letter, so it follows the same rules (and length) as the other ids."""
+    return validate_token(value, "task id")
+
+
+def validate_key(value: object) -> str:
+    """A partition key: the task subject's last token."""
+    return validate_token(value, "partition key")
 
 
 def task_subject(task_type: str, run_id: str, group: str | None = None) -> str:

@@ -36,7 +36,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -46,6 +46,7 @@ from nats.js.kv import KeyValue
 
 from . import _names as n
 from ._aio import cancel_and_wait
+from ._env import RuntimeEnv
 from ._errors import NotProvisionedError, ServerError
 from ._handler import HandlerRuntime, HandlerSpec
 from ._pcg_config import (
@@ -62,9 +63,6 @@ from ._pcg_config import (
 )
 from ._pull import PullLoop
 from ._services import KV_DEL_OPS, kv_snapshot
-
-if TYPE_CHECKING:
-    from ._worker import Worker
 
 log = logging.getLogger("jsworker.partitions")
 
@@ -84,9 +82,9 @@ def wanted_config(task_type: str, group: str | None, partitions: int) -> Elastic
     )
 
 
-async def _kv(worker: Worker) -> KeyValue:
+async def _kv(env: RuntimeEnv) -> KeyValue:
     try:
-        return await worker.js.key_value(n.PARTITION_GROUPS_BUCKET)
+        return await env.js.key_value(n.PARTITION_GROUPS_BUCKET)
     except nats.js.errors.NotFoundError:
         raise NotProvisionedError(
             f"KV bucket {n.PARTITION_GROUPS_BUCKET!r} does not exist: run `jsworker kv setup`"
@@ -120,14 +118,14 @@ class ElasticMember:
 
     def __init__(self, rt: PartitionedRuntime, group: str | None, partitions: int) -> None:
         self.rt = rt
-        self.worker = rt.worker
+        self.env = rt.env
         self.task_type = rt.spec.task_type
         self.group = group
         self.partitions = partitions
         self.cg = n.consumer_name(self.task_type, group)
         self.key = group_key(n.TASK_STREAM, self.cg)
         self.stream = group_stream(n.TASK_STREAM, self.cg)
-        self.me = self.worker.worker_id
+        self.me = self.env.worker_id
         self.config: ElasticConfig | None = None
         self.filters: list[str] = []
         self.loop: PullLoop | None = None
@@ -136,6 +134,8 @@ class ElasticMember:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        #: our member consumer exists on the server (created and not yet deleted)
+        self._have_consumer = False
         self.rebalances = 0
 
     @property
@@ -144,16 +144,16 @@ class ElasticMember:
 
     # ------------------------------------------------------------- start-up
     async def start(self) -> None:
-        self.kv = await _kv(self.worker)
+        self.kv = await _kv(self.env)
         await self._ensure_config()
         await self._ensure_stream()
         self.config = await cas_update(self.kv, self.key, lambda c: c.with_member(self.me))
+        spawn = self.env.supervisor.spawn
         self._tasks = [
-            asyncio.create_task(self._watch(), name=f"pcg-watch:{self.cg}"),
-            asyncio.create_task(self._reconcile_loop(), name=f"pcg-reconcile:{self.cg}"),
-            asyncio.create_task(self._sweeper(), name=f"pcg-sweep:{self.cg}"),
+            spawn(f"pcg-watch:{self.cg}", self._watch),
+            spawn(f"pcg-reconcile:{self.cg}", self._reconcile_loop),
+            spawn(f"pcg-sweep:{self.cg}", self._sweeper),
         ]
-        self._changed.set()
 
     async def _ensure_config(self) -> None:
         assert self.kv is not None
@@ -184,7 +184,7 @@ class ElasticMember:
             )
 
     async def _ensure_stream(self) -> None:
-        js = self.worker.js
+        js = self.env.js
         try:
             await js.stream_info(self.stream)
             return
@@ -252,6 +252,10 @@ class ElasticMember:
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _reconcile_loop(self) -> None:
+        """Bring this member's consumer in line with the group's config. Supervised: if
+        an API call fails, the loop is restarted and re-reads the wanted state, so one
+        error never leaves the group without a consumer."""
+        self._changed.set()  # (re)started: compare wanted and actual state afresh
         while not self._stopping:
             await self._changed.wait()
             self._changed.clear()
@@ -259,6 +263,8 @@ class ElasticMember:
                 return
             desired = partition_filters(self.config, self.me) if self.config else []
             if desired == self.filters and (self.loop is not None or not desired):
+                if not desired and self._have_consumer:
+                    await self._drop_consumer()
                 continue
             self.rebalances += 1
             await self._drop_consumer()
@@ -275,7 +281,7 @@ class ElasticMember:
                 self._changed.clear()
             self.filters = desired if self.loop is not None else []
             with contextlib.suppress(Exception):
-                await self.worker._refresh_directory()
+                await self.env.on_membership_change()
 
     # ------------------------------------------------------------ consumers
     async def _create_consumer(self, filters: list[str]) -> bool:
@@ -310,15 +316,13 @@ class ElasticMember:
             raise ServerError(
                 f"creating consumer {self.me} on {self.stream}: {err.get('description')}"
             )
+        self._have_consumer = True
         self.pin = None
-        expires = min(self.worker.pull_expires, max(aw / 2, 1.0))
-        self.loop = PullLoop(
-            self.worker.nc,
+        expires = min(self.env.pull_expires, max(aw / 2, 1.0))
+        self.loop = self.rt._pull_loop(
             self.stream,
             self.me,
-            self.rt.slots,
             lambda msg: self.rt.dispatch_partitioned(self, msg),
-            batch=min(self.worker.batch, self.rt.slots.size),
             expires=expires,
             extra=self._pull_extra,
             on_status=self._on_status,
@@ -341,9 +345,10 @@ class ElasticMember:
         if code == "423":  # pinned to another client (or our pin expired): re-pin
             self.pin = None
         elif code == "409" and "Deleted" in desc:
-            self.worker.health.consumer_deleted += 1
+            self.env.health.consumer_deleted += 1
             log.warning("member consumer %s on %s was deleted; rejoining", self.me, self.stream)
             self.filters = []
+            self._have_consumer = False
             if self.loop is not None:
                 self.rt.background(self.loop.stop())
                 self.loop = None
@@ -351,13 +356,13 @@ class ElasticMember:
 
     async def _drop_consumer(self, grace: float | None = None) -> None:
         """Stop pulling, hand back waiting tasks, let running ones finish, then delete
-        this member's consumer so its partitions can move without being consumed twice."""
-        if self.loop is None:
-            return
-        loop, self.loop = self.loop, None
-        await loop.stop()
+        this member's consumer so its partitions can move without being consumed twice.
+        Safe to call again after a failure: whatever is left (the consumer) is deleted."""
+        if self.loop is not None:
+            loop, self.loop = self.loop, None
+            await loop.stop()
         self.rt.nak_waiting(self)
-        grace = self.worker.grace_period if grace is None else grace
+        grace = self.env.grace_period if grace is None else grace
         running = self.rt.running_tasks(self)
         if running:
             _, late = await asyncio.wait(running, timeout=grace)
@@ -373,17 +378,26 @@ class ElasticMember:
         # has processed ours before the consumer goes. What it still counts as pending
         # then was delivered after we stopped listening and never ran; deleting the
         # consumer hands it to the next owner at once instead of after AckWait.
+        if not self._have_consumer:
+            return
         with contextlib.suppress(Exception):
-            await self.worker.nc.flush(timeout=5)
+            await self.env.nc.flush(timeout=5)
         await self._delete_consumer(self.me)
+        self._have_consumer = False
 
     async def _delete_consumer(self, name: str) -> None:
-        await self._api(f"CONSUMER.DELETE.{self.stream}.{name}", None)
+        """Delete a member consumer; raises unless it is gone (deleted or never there)."""
+        resp = await self._api(f"CONSUMER.DELETE.{self.stream}.{name}", None)
+        err = resp.get("error")
+        if err and err.get("err_code") != 10014:  # 10014: consumer not found
+            raise ServerError(
+                f"deleting consumer {name} on {self.stream}: {err.get('description')}"
+            )
 
     async def _api(self, what: str, body: dict[str, Any] | None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else b""
         try:
-            msg = await self.worker.nc.request(f"$JS.API.{what}", data, timeout=5)
+            msg = await self.env.nc.request(f"$JS.API.{what}", data, timeout=5)
         except nats.errors.TimeoutError:
             return {"error": {"code": 408, "description": "JetStream API timeout"}}
         out: dict[str, Any] = json.loads(msg.data)
@@ -391,12 +405,13 @@ class ElasticMember:
 
     # ---------------------------------------------------------- liveness
     async def _sweeper(self) -> None:
-        every = max(0.2, self.worker.liveness / 3)
+        every = max(0.2, self.env.liveness / 3)
         while not self._stopping:
             await asyncio.sleep(every * random.uniform(0.8, 1.2))
             try:
                 await self.sweep()
-            except Exception as e:  # keep sweeping through reconnects
+            except (nats.errors.Error, nats.js.errors.Error, ServerError) as e:
+                # expected through reconnects and leader elections: try at the next round
                 log.debug("sweep of %s failed: %s", self.key, e)
 
     async def sweep(self) -> set[str]:
@@ -407,7 +422,7 @@ class ElasticMember:
         candidates = {m for m in cfg.members if m.startswith("worker-") and m != self.me}
         if not candidates:
             return set()
-        alive = await live_workers(self.worker, self.worker.liveness)
+        alive = await live_workers(self.env.js, self.env.liveness)
         dead = {m for m in candidates - alive if not await self._consumer_active(m)}
         if not dead:
             return set()
@@ -436,7 +451,7 @@ class ElasticMember:
                     when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
                 except ValueError:
                     continue
-                if now - when <= self.worker.liveness:
+                if now - when <= self.env.liveness:
                     return True
         return False
 
@@ -456,13 +471,12 @@ class ElasticMember:
     async def stop(self) -> None:
         await asyncio.gather(*(cancel_and_wait(t) for t in self._tasks))
         self._tasks = []
-        if self.loop is not None:
-            await self._drop_consumer(grace=0)
+        await self._drop_consumer(grace=0)
 
 
-async def live_workers(worker: Worker, liveness: float) -> set[str]:
+async def live_workers(js: Any, liveness: float) -> set[str]:
     """Ids of workers whose directory entry was refreshed within ``liveness`` seconds."""
-    kv = await worker.js.key_value(n.WORKERS_BUCKET)
+    kv = await js.key_value(n.WORKERS_BUCKET)
     now = time.time()
     alive: set[str] = set()
     for key, raw in (await kv_snapshot(kv)).items():
@@ -482,9 +496,9 @@ class PartitionedRuntime(HandlerRuntime):
 
     ordered = True
 
-    def __init__(self, worker: Worker, spec: HandlerSpec, partitions: int) -> None:
-        super().__init__(worker, spec)
-        self.partitions = partitions
+    def __init__(self, env: RuntimeEnv, spec: HandlerSpec) -> None:
+        super().__init__(env, spec)
+        self.partitions = spec.partitions
         self.members: list[ElasticMember] = []
         # Tasks with one ordering key run one at a time, in order. The key is the task's
         # partition key (its subject's last token); a singleton orders the whole
@@ -494,11 +508,11 @@ class PartitionedRuntime(HandlerRuntime):
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        for group in self.groups:
+        for group in self.env.groups:
             m = ElasticMember(self, group, self.partitions)
-            await m.start()
             self.members.append(m)
-        self._hb_task = asyncio.create_task(self._heartbeats(), name=f"hb:{self.spec.task_type}")
+            await m.start()
+        self._start_heartbeats()
 
     def task_subject(self, msg: Msg) -> str:
         return msg.subject.split(".", 1)[1]
@@ -517,7 +531,7 @@ class PartitionedRuntime(HandlerRuntime):
         self._start(key, msg)
 
     def _start(self, key: tuple[str, int, str], msg: Msg) -> None:
-        task = asyncio.create_task(self.worker._execute(self, msg))
+        task = asyncio.create_task(self.env.executor.execute(self, msg))
         self.inflight[task] = (msg, time.monotonic())
         self.running[key] = task
         task.add_done_callback(lambda t: self._finished(key, t))
@@ -563,6 +577,9 @@ class PartitionedRuntime(HandlerRuntime):
     async def stop(self) -> None:
         await asyncio.gather(*(m.stop() for m in self.members))
         await super().stop()
+        for t in list(self._background):
+            with contextlib.suppress(Exception):
+                await t
 
 
 async def _nak(msg: Msg) -> None:

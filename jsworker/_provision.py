@@ -1,4 +1,4 @@
-"""Provisioning of the streams and KV buckets in DESIGN.md's wire contract.
+"""Provisioning of the streams and KV buckets of the wire contract (docs/wire.md).
 
 Every function is idempotent. An existing stream or bucket whose configuration differs
 from the one jsworker wants is *reported* as drifted; fields the server allows to change

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -37,49 +37,78 @@ PENDING_MSGS = "Nats-Pending-Messages"
 
 
 class Slots:
-    """A counting pool of execution slots shared by every loop of one worker."""
+    """A pool of execution credits: one credit per leased message, from delivery until
+    its outcome is recorded. The worker has one pool of ``concurrency`` credits that
+    every pull loop draws from, so a worker never leases more than it can run, however
+    many handlers it has. A handler's own ``concurrency`` cap is a child pool: taking
+    from it takes from the worker's pool too (``parent``)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, parent: Slots | None = None) -> None:
         self.size = size
         self.free = size
-        self._changed = asyncio.Event()
+        self.parent = parent
+        self._root: Slots = parent._root if parent is not None else self
+        self._changed = asyncio.Event()  # on the root only: every give reaches the root
+
+    def available(self) -> int:
+        own = self.free
+        return own if self.parent is None else min(own, self.parent.available())
 
     async def take(self, most: int, least: int = 1) -> int:
-        """Wait for at least ``least`` free slots, then reserve up to ``most``."""
-        least = max(1, min(least, self.size))
-        while self.free < least:
-            self._changed.clear()
-            await self._changed.wait()
-        k = min(most, self.free)
-        self.free -= k
+        """Wait until at least ``least`` credits are free here and in every parent pool,
+        then reserve up to ``most``."""
+        least = max(1, min(least, most, self.size))
+        changed = self._root._changed
+        while self.available() < least:
+            changed.clear()
+            await changed.wait()
+        k = min(most, self.available())
+        self.consume(k)
         return k
+
+    def consume(self, k: int) -> None:
+        self.free -= k
+        if self.parent is not None:
+            self.parent.consume(k)
 
     def give(self, k: int = 1) -> None:
         if k <= 0:
             return
         self.free += k
-        self._changed.set()
+        if self.parent is not None:
+            self.parent.give(k)
+        else:
+            self._changed.set()
+
+    def resize(self, size: int) -> None:
+        """Change the pool's size live (credits in use stay taken)."""
+        self.free += size - self.size
+        self.size = size
+        self._root._changed.set()
 
 
 @dataclass
 class _Request:
+    batch: int
     remaining: int
     deadline: float
-
-
-@dataclass
-class PullStats:
-    requests: int = 0
-    delivered: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
 
 
 class PullLoop:
     """Pull messages for one consumer and hand each to ``dispatch``.
 
-    ``dispatch(msg)`` takes ownership of one slot, which it must give back when the
+    ``dispatch(msg)`` takes ownership of one credit, which it must give back when the
     message is done. ``extra()`` returns fields merged into each request (priority
     groups use it); ``on_status(code, desc, msg)`` sees every non-terminal status.
+    ``spawn(name, loop)`` runs the request loop in the background (the worker's
+    supervisor, which restarts it if it fails).
+
+    Request size adapts so that an idle consumer does not park the worker's credits
+    in a long poll: a loop starts asking for one message, then for as many as the
+    consumer says it still has (each delivery carries that count) plus one, up to
+    ``batch``, and for one again when a request expires with nothing delivered. So a
+    handler with nothing to do holds one credit of the worker's pool, and the rest
+    serve the handlers that have work.
     """
 
     def __init__(
@@ -90,6 +119,7 @@ class PullLoop:
         slots: Slots,
         dispatch: Callable[[Msg], None],
         *,
+        spawn: Callable[[str, Callable[[], Awaitable[None]]], asyncio.Task[None]],
         batch: int = 256,
         expires: float = 5.0,
         extra: Callable[[], dict[str, Any]] | None = None,
@@ -104,7 +134,8 @@ class PullLoop:
         self.expires = expires
         self.extra = extra
         self.on_status = on_status
-        self.stats = PullStats()
+        self.spawn = spawn
+        self.want = 1  # current request size (see the class docstring)
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._requests: dict[str, _Request] = {}
@@ -116,7 +147,6 @@ class PullLoop:
         self._stopping = False
         self._wake = asyncio.Event()
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self.error: BaseException | None = None
 
     @property
     def reserved(self) -> int:
@@ -124,7 +154,7 @@ class PullLoop:
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
-        self._task = asyncio.create_task(self._run(), name=f"pull:{self.consumer}")
+        self._task = self.spawn(f"pull:{self.stream}/{self.consumer}", self._run)
 
     async def _on_msg(self, msg: Msg) -> None:
         hdr = msg.headers
@@ -141,26 +171,33 @@ class PullLoop:
                 if req.remaining == 0:
                     del self._requests[rid]
                 break
+        try:
+            # ask for no more than the consumer has (plus one for what comes next), so
+            # a consumer that runs dry parks one credit, not a whole batch
+            self.want = min(self.batch, msg.metadata.num_pending + 1)
+        except Exception:  # no JetStream metadata: the executor reports it
+            pass
+        self._wake.set()
         if self.outstanding > 0:
             self.outstanding -= 1  # its reserved slot now belongs to the message
         else:
-            self.slots.free -= 1  # unexpected extra message: account for it anyway
+            self.slots.consume(1)  # unexpected extra message: account for it anyway
         if self._stopping:
             # arrived after stop: hand it back at once so no one waits for AckWait
             with contextlib.suppress(Exception):
                 await msg.nak()
             self.slots.give(1)
             return
-        self.stats.delivered += 1
         self.dispatch(msg)
 
     async def _on_status_msg(self, msg: Msg, hdr: dict[str, str]) -> None:
         code = hdr[STATUS]
-        self.stats.statuses[code] = self.stats.statuses.get(code, 0) + 1
         if code == "100":  # idle heartbeat
             return
         rid = msg.subject[len(self._inbox) + 1 :]
         req = self._requests.pop(rid, None)
+        if code == "408" and req is not None and req.remaining == req.batch:
+            self.want = 1  # expired with nothing delivered: idle, park one credit only
         if code in ("404", "408", "409", "423"):
             # the request is over: give back what it did not deliver
             pending = hdr.get(PENDING_MSGS)
@@ -174,39 +211,37 @@ class PullLoop:
             await self.on_status(code, hdr.get(DESCRIPTION, ""), msg)
 
     async def _run(self) -> None:
-        try:
-            while not self._stopping:
-                self._expire_lost()
-                # With requests already out, wait for a quarter batch of free slots so
-                # slots trickling back one by one do not become many 1-message requests.
-                # Every open request holds at least one slot, so at most `slots.size`
-                # (and with this rule about 4) requests are ever open: well under the
-                # server's max_waiting. (Counting open requests instead does not work:
-                # which request a message answers is not known, so a count can believe
-                # requests are open that the server has already filled, and stall.)
-                least = 1 if not self._requests else max(1, min(self.batch, self.slots.size) // 4)
-                k = await self._take(self.batch, least)
-                if k == 0:
-                    continue
-                if self._stopping:
-                    self.slots.give(k)
-                    break
-                self._seq += 1
-                rid = str(self._seq)
-                self._requests[rid] = _Request(k, time.monotonic() + self.expires + 2.0)
-                self.outstanding += k
-                req: dict[str, Any] = {"batch": k, "expires": int(self.expires * 1e9)}
-                if self.extra is not None:
-                    req.update(self.extra())
-                self.stats.requests += 1
-                await self.nc.publish(
-                    self._api, json.dumps(req).encode(), reply=f"{self._inbox}.{rid}"
-                )
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # pragma: no cover - surfaced through .error / health
-            self.error = e
-            log.exception("pull loop %s failed", self.consumer)
+        """Keep up to ``want`` credits' worth of pull requests open. Exceptions propagate
+        to the supervisor, which restarts this loop (requests lost on the way expire by
+        their deadline and give their credits back)."""
+        while not self._stopping:
+            self._expire_lost()
+            room = min(self.want, self.batch) - self.outstanding
+            if room <= 0:
+                # enough requested and not yet delivered: wait for deliveries or ends
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            # With requests already out, wait for a quarter of the room in free credits
+            # so credits trickling back one by one do not become many 1-message
+            # requests; at most about 4 requests are open at once, well under the
+            # server's max_waiting.
+            least = 1 if not self._requests else max(1, min(room, self.slots.size) // 4)
+            k = await self._take(room, least)
+            if k == 0:
+                continue
+            if self._stopping:
+                self.slots.give(k)
+                break
+            self._seq += 1
+            rid = str(self._seq)
+            self._requests[rid] = _Request(k, k, time.monotonic() + self.expires + 2.0)
+            self.outstanding += k
+            req: dict[str, Any] = {"batch": k, "expires": int(self.expires * 1e9)}
+            if self.extra is not None:
+                req.update(self.extra())
+            await self.nc.publish(self._api, json.dumps(req).encode(), reply=f"{self._inbox}.{rid}")
 
     async def _take(self, want: int, least: int) -> int:
         """Reserve slots, waking periodically to expire requests lost to a reconnect."""
@@ -245,8 +280,9 @@ class PullLoop:
         self.slots.give(k)
 
     async def stop(self) -> None:
-        """Stop pulling. Outstanding requests are dropped with the inbox subscription;
-        anything that still arrives before that is nak'ed."""
+        """Stop pulling. The inbox subscription goes with it, and the server drops a
+        waiting pull request whose reply subject has no interest left, so nothing more
+        is delivered to this loop; anything already on the way is nak'ed."""
         self._stopping = True
         await cancel_and_wait(self._task)
         if self._sub is not None:

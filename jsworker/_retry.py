@@ -74,6 +74,6 @@ class RetryPolicy:
 
 
 def clamp_retry_after(delay: Duration) -> float:
-    """``fail_retry_after`` delays are clamped to [100 ms, 1 h] (DESIGN.md)."""
+    """``fail_retry_after`` delays are clamped to [100 ms, 1 h] (docs/wire.md)."""
     s = seconds(delay, name="retry delay", allow_zero=True)
     return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, s))

@@ -1,14 +1,17 @@
 """Shared I/O used by task contexts and the client: checkpoints, signals, partial results.
 
-The ``checkpoints`` and ``signals`` buckets are optional (DESIGN.md): they are bound when
-present, and the calls that need them raise :class:`NotProvisionedError` naming
+The ``checkpoints`` and ``signals`` buckets are optional (docs/wire.md): they are bound
+when present, and the calls that need them raise :class:`NotProvisionedError` naming
 ``jsworker kv setup`` when they are not.
+
+Values in those buckets are JSON. Anyone with access to the bucket can write other
+bytes; reading such a value raises :class:`CorruptValueError`, which a handler can catch
+and which, uncaught, fails the task permanently (it is a ``PermanentError``): retrying
+would read the same bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +21,11 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from . import _names as n
-from ._errors import InvalidNameError, NotProvisionedError, TaskError
-from ._wire import dumps, now_rfc3339, to_json_value
+from ._errors import InvalidNameError, NotProvisionedError, PermanentError, TaskError
+from ._wire import dumps, loads, now_rfc3339, to_json_value
 
 if TYPE_CHECKING:
-    from ._context import TaskContext, TaskInfo
+    from ._context import TaskInfo
 
 KV_DEL_OPS = ("DEL", "PURGE")
 CHUNK_SEQ = "Jsw-Seq"
@@ -31,6 +34,33 @@ CANCEL_SIGNAL = "_cancel"
 
 class SignalTimeoutError(TaskError, TimeoutError):
     """``wait_for_signal`` timed out. Catch it to handle a missing signal."""
+
+
+class CorruptValueError(PermanentError):
+    """A signal or checkpoint value is not JSON (written by something other than
+    jsworker). Raised by ``wait_for_signal``, ``load_checkpoint`` and
+    ``Client``/``Services.list_signals``; attributes ``bucket``, ``key`` and ``value``
+    (the raw bytes). A handler may catch it; uncaught, it is a ``PermanentError``: the
+    task fails with kind ``non_retriable`` and is dead-lettered, not retried."""
+
+    def __init__(self, bucket: str, key: str, value: bytes, reason: str) -> None:
+        super().__init__(
+            f"{bucket} value {key!r} is not JSON ({len(value)} bytes, {value[:40]!r}): {reason}"
+        )
+        self.bucket = bucket
+        self.key = key
+        self.value = value
+
+
+def decode_value(bucket: str, key: str, value: bytes | None) -> Any:
+    """A KV value as JSON (empty: ``None``), or :class:`CorruptValueError`. Strict:
+    ``NaN``, ``Infinity`` and invalid UTF-8 are refused as the wire refuses them."""
+    if not value:
+        return None
+    try:
+        return loads(value)
+    except ValueError as e:
+        raise CorruptValueError(bucket, key, bytes(value), str(e)) from None
 
 
 class Services:
@@ -75,11 +105,12 @@ class Services:
 
     async def load_checkpoint(self, info: TaskInfo) -> Any:
         kv = await self._need(n.CHECKPOINTS_BUCKET)
+        key = n.checkpoint_key(info.run_id, info.step_id)
         try:
-            entry = await kv.get(n.checkpoint_key(info.run_id, info.step_id))
+            entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
-        return json.loads(entry.value) if entry.value else None
+        return decode_value(n.CHECKPOINTS_BUCKET, key, entry.value)
 
     async def clear_checkpoint(self, run_id: str, step_id: str) -> None:
         """Delete a finished task's checkpoint (no error when the bucket is missing)."""
@@ -105,12 +136,10 @@ class Services:
         kv = await self._need(n.SIGNALS_BUCKET)
         out: dict[str, Any] = {}
         for key, value in (await kv_snapshot(kv, f"{run_id}.>")).items():
-            out[key[len(run_id) + 1 :]] = json.loads(value) if value else None
+            out[key[len(run_id) + 1 :]] = decode_value(n.SIGNALS_BUCKET, key, value)
         return out
 
-    async def wait_for_signal(
-        self, run_id: str, name: str, timeout: float, ctx: TaskContext | None = None
-    ) -> Any:
+    async def wait_for_signal(self, run_id: str, name: str, timeout: float) -> Any:
         n.validate_token(name, "signal name")
         kv = await self._need(n.SIGNALS_BUCKET)
         # A watch delivers the key's current value first, so a signal sent before the
@@ -130,7 +159,7 @@ class Services:
                     continue
                 if entry is None or entry.operation in KV_DEL_OPS:
                     continue
-                return json.loads(entry.value) if entry.value else None
+                return decode_value(n.SIGNALS_BUCKET, entry.key, entry.value)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
 
@@ -181,7 +210,3 @@ async def _try_bucket(js: Any, bucket: str) -> KeyValue | None:
         return None
     except nats.js.errors.NotFoundError:
         return None
-
-
-async def gather_quiet(*aws: Any) -> None:
-    await asyncio.gather(*aws, return_exceptions=True)

@@ -24,5 +24,14 @@ class WorkerStats:
 
 @dataclass
 class WorkerHealth:
+    """What went wrong in the background. ``fatal`` set means the worker has failed
+    (``Worker.run()`` raises, ``jsworker serve`` exits non-zero)."""
+
     consumer_deleted: int = 0
-    pull_errors: int = 0
+    loop_failures: int = 0
+    last_error: str = ""
+    fatal: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.fatal is None

@@ -1,44 +1,55 @@
-"""The worker: registers handlers, runs them against JetStream, applies outcomes."""
+"""The worker: owns the handler registry and the lifecycle.
+
+Execution lives in :mod:`jsworker._executor`, consumers and pull loops in the handler
+runtimes (:mod:`jsworker._handler`, :mod:`jsworker._partitions`), background loops under
+one :class:`~jsworker._supervisor.Supervisor`. The registry is live: handlers can be
+registered, replaced and removed while the worker runs, and every such change goes
+through one path (:meth:`Worker._converge`), which compares the wanted handlers with the
+running runtimes and swaps, adds or drains them.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from . import _names as n
-from . import _wire as w
 from ._cancel import CancelWatcher
-from ._context import Outcome, TaskCancelledError, TaskContext, TaskInfo
 from ._directory import Directory
 from ._duration import Duration, seconds
-from ._errors import (
-    ConfigError,
-    LifecycleError,
-    PayloadError,
-    PermanentError,
-    RetryableError,
+from ._env import RuntimeEnv
+from ._errors import ConfigError, LifecycleError, WorkerFailedError
+from ._executor import Executor
+from ._handler import (
+    DEFAULT_ACK_WAIT,
+    MAX_PARTITIONS,
+    HandlerRuntime,
+    HandlerSpec,
+    make_spec,
+    validate_partitions,
 )
-from ._handler import DEFAULT_ACK_WAIT, HandlerRuntime, HandlerSpec, make_spec
-from ._outcomes import OutcomeRecorder, attempt_suffix
+from ._outcomes import OutcomeRecorder
 from ._partitions import PartitionedRuntime
 from ._provision import require_stream
-from ._retry import RetryPolicy, clamp_retry_after
+from ._pull import Slots
+from ._retry import RetryPolicy
 from ._services import Services
 from ._stats import WorkerHealth, WorkerStats
+from ._supervisor import Supervisor
 from ._telemetry import Telemetry
 
 log = logging.getLogger("jsworker.worker")
 F = TypeVar("F", bound=Callable[..., Any])
-MAX_PARTITIONS = 256
+HANDLER_OPTIONS = frozenset(
+    {"ack_wait", "retry", "max_iterations", "concurrency", "partitions", "singleton"}
+)
+
+__all__ = ["MAX_PARTITIONS", "Worker"]
 
 
 class Worker:
@@ -50,23 +61,30 @@ class Worker:
         groups: worker groups to serve (default: all). With ``("gpu",)`` the worker
             consumes ``task.{type}.gpu.>`` only. Empty names are refused; passing an
             explicitly empty list is refused too (omit it for all groups).
-        partitions: elastic partitions 1-256 for every handler (orbit.go ``pcgroups``
-            compatible, rebalanced across live workers, per-key order); 0 (default) is
-            one shared consumer per task type and group.
-        concurrency: tasks run at once across all handlers (default 64).
+        partitions: default elastic partitions 1-256 for handlers that do not set their
+            own ``partitions=`` (orbit.go ``pcgroups`` compatible, rebalanced across live
+            workers, per-key order); 0 (default) is one shared consumer per task type
+            and group.
+        concurrency: the worker's pool of execution credits (default 64): at most this
+            many tasks are leased at once across all handlers, and so at most this many
+            run. Each handler may cap itself lower with ``concurrency=``.
         ack_wait: default lease per delivery (default 30 s); per handler ``ack_wait=``.
         retry: default :class:`RetryPolicy` (5 s fixed, 10 attempts).
         max_iterations: default bound for ``continue_`` (100).
-        grace_period: how long ``stop()`` lets in-flight tasks finish (default 10 s,
-            must be > 0); what is still running then is nak'ed for immediate redelivery.
+        grace_period: how long ``stop()`` (and removing a handler) lets in-flight tasks
+            finish (default 10 s, must be > 0); what is still running then is nak'ed for
+            immediate redelivery.
         batch: most messages one pull request asks for (default 256).
+        pull_expires: how long one pull request waits on the server (default 5 s).
         worker_id: default ``worker-{16 hex}``.
         heartbeat_interval: how often the worker directory entry is refreshed (default
             30 s). A partition member whose entry is older than 3x this (at most 60 s,
             the bucket TTL) is considered dead and its partitions are moved.
 
-    Handlers must be registered before :meth:`start`; ``start`` raises when there are
-    none. ``stop`` is idempotent and safe before ``start``.
+    Handlers may be registered before or after :meth:`start`; on a running worker a
+    registration goes live at once (see :meth:`handle`). ``start`` with no handlers is
+    allowed (the seed's worker panics there; a live worker gains handlers later).
+    ``stop`` is idempotent and safe before ``start``.
     """
 
     def __init__(
@@ -98,15 +116,10 @@ class Worker:
                 n.validate_group(g)
             if len(set(groups)) != len(groups):
                 raise ConfigError(f"groups has duplicates: {list(groups)}")
-        if not isinstance(partitions, int) or isinstance(partitions, bool):
-            raise ConfigError(f"partitions must be an int, got {partitions!r}")
-        if not 0 <= partitions <= MAX_PARTITIONS:
-            raise ConfigError(
-                f"partitions must be between 0 and {MAX_PARTITIONS}, got {partitions}"
-            )
-        if not isinstance(concurrency, int) or concurrency < 1:
+        validate_partitions(partitions)
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if not isinstance(batch, int) or batch < 1:
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ConfigError(f"batch must be an int >= 1, got {batch!r}")
         self.nc: NATS = nc
         try:
@@ -136,15 +149,19 @@ class Worker:
         self.recorder = OutcomeRecorder(
             nc, self.worker_id, self.stats, self.telemetry, self.services
         )
-        self.cancels = CancelWatcher(None, self._on_cancel)
-        self._running_ctx: dict[str, set[tuple[TaskContext, asyncio.Task[Any] | None]]] = {}
-        self._specs: dict[str, HandlerSpec] = {}
-        self._runtimes: dict[str, HandlerRuntime] = {}
+        self._specs: dict[str, HandlerSpec] = {}  # wanted
+        self._runtimes: dict[str, HandlerRuntime] = {}  # running
         self._state = "new"  # new -> running -> stopping -> stopped
-        self._run_slots: asyncio.Semaphore | None = None
+        self._stopped = asyncio.Event()
+        self._supervisor: Supervisor | None = None
+        self._executor: Executor | None = None
+        self._env: RuntimeEnv | None = None
+        self._cancels: CancelWatcher | None = None
         self._directory: Directory | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped = asyncio.Event()
+        self._converging: asyncio.Task[None] | None = None
+        self._converge_lock = asyncio.Lock()
+        self._errors: list[BaseException] = []
 
     # ---------------------------------------------------------- registration
     @overload
@@ -156,46 +173,50 @@ class Worker:
         """Register ``fn`` for ``task_type`` (also usable as ``@worker.handle("type")``).
 
         Options: ``ack_wait`` (seconds/timedelta), ``retry`` (:class:`RetryPolicy`),
-        ``max_iterations`` (int), ``concurrency`` (int, most pulled at once).
-        Raises ``ConfigError`` for a bad name or option or a duplicate type, and
-        :class:`LifecycleError` after ``start()``.
+        ``max_iterations`` (int), ``concurrency`` (int: most tasks of this type leased
+        at once), ``partitions`` (0-256, default the worker's ``partitions``),
+        ``singleton`` (bool; see :meth:`handle_singleton`).
+
+        Registering a type again replaces its handler. On a running worker:
+
+        * a new type goes live at once: its consumer is created (or its elastic group
+          joined) in the background; ``await worker.sync()`` waits for it and raises
+          what went wrong;
+        * the same type with the same consumer shape swaps the code before this call
+          returns: the next task runs the new function, tasks already running finish
+          on the old one, no consumer is re-created and no partition moves;
+        * a change of ``partitions``, ``singleton`` or ``ack_wait`` re-creates the
+          handler: it is drained as by :meth:`remove_handler`, then started again.
+
+        Raises ``ConfigError`` for a bad name or option (at this call, also on a
+        running worker) and :class:`LifecycleError` once the worker is stopping.
         """
         if fn is None:
+            n.validate_task_type(task_type)
 
             def deco(f: F) -> F:
                 self.handle(task_type, f, **options)
                 return f
 
-            n.validate_task_type(task_type)
             return deco
-        self._register(task_type, fn, singleton=False, **options)
+        self._register(task_type, fn, **options)
         return fn
 
     def handle_singleton(self, task_type: str, fn: F | None = None, **options: Any) -> Any:
         """Register a handler of which at most one execution runs at a time across all
         workers: a one-partition elastic consumer group for this type only (other
         handlers keep their mode). Usable as a decorator; options as :meth:`handle`."""
-        if fn is None:
-            n.validate_task_type(task_type)
+        return self.handle(task_type, fn, singleton=True, **options)
 
-            def deco(f: F) -> F:
-                self._register(task_type, f, singleton=True, **options)
-                return f
-
-            return deco
-        self._register(task_type, fn, singleton=True, **options)
-        return fn
-
-    def _register(
-        self, task_type: str, fn: Callable[..., Any], *, singleton: bool, **options: Any
-    ) -> None:
-        if self._state != "new":
-            raise LifecycleError(
-                f"cannot register {task_type!r}: handlers must be registered before start()"
-            )
-        unknown = set(options) - {"ack_wait", "retry", "max_iterations", "concurrency"}
+    def _register(self, task_type: str, fn: Callable[..., Any], **options: Any) -> None:
+        if self._state in ("stopping", "stopped"):
+            raise LifecycleError(f"cannot register {task_type!r}: the worker is {self._state}")
+        unknown = set(options) - HANDLER_OPTIONS
         if unknown:
             raise ConfigError(f"unknown handler option(s): {sorted(unknown)}")
+        singleton = options.get("singleton", False)
+        if not isinstance(singleton, bool):
+            raise ConfigError(f"singleton must be True or False, got {singleton!r}")
         spec = make_spec(
             task_type,
             fn,
@@ -206,10 +227,53 @@ class Worker:
             default_retry=self.retry,
             singleton=singleton,
             concurrency=options.get("concurrency"),
+            partitions=options.get("partitions", self.partitions),
         )
-        if task_type in self._specs:
-            raise ConfigError(f"a handler for {task_type!r} is already registered")
+        old = self._specs.get(task_type)
+        if old is not None:
+            spec = spec.replacing(old)
+            log.info("handler %s replaced (version %d)", task_type, spec.version)
         self._specs[task_type] = spec
+        self._converge()
+
+    async def remove_handler(self, task_type: str, *, grace_period: Duration | None = None) -> None:
+        """Stop handling ``task_type``: stop pulling, let its running tasks finish within
+        the grace period (default: the worker's), hand back (nak) what has not started,
+        and leave its elastic groups, whose remaining members take the partitions over
+        as on a clean stop. The shared consumer of a non-partitioned type stays (other
+        workers use it). Raises ``ConfigError`` when no such handler is registered."""
+        if task_type not in self._specs:
+            raise ConfigError(f"no handler for {task_type!r} is registered")
+        grace = (
+            None
+            if grace_period is None
+            else seconds(grace_period, name="grace_period", allow_zero=True)
+        )
+        del self._specs[task_type]
+        if self._state == "running":
+            rt = self._runtimes.get(task_type)
+            if rt is not None and grace is not None:
+                rt.drain_grace = grace
+            self._converge()
+            await self.sync()
+
+    async def sync(self) -> None:
+        """Wait until the running handlers match the registered ones and no execution
+        of a replaced handler's old code is still running; then raise the first error
+        that a live change met since the last call (consumer creation refused, stream
+        or bucket missing, ...). A handler whose start failed is unregistered again."""
+        while True:
+            task = self._converging
+            if task is not None:
+                await asyncio.shield(task)
+            if self._executor is not None:
+                for t, spec in list(self._specs.items()):
+                    await self._executor.wait_versions_gone(t, spec.version)
+            if self._converging is None or self._converging.done():
+                break
+        if self._errors:
+            first, self._errors = self._errors[0], []
+            raise first
 
     @property
     def task_types(self) -> list[str]:
@@ -223,43 +287,82 @@ class Worker:
     def in_flight(self) -> int:
         return sum(len(r.inflight) for r in self._runtimes.values())
 
+    def handler_info(self) -> list[dict[str, Any]]:
+        """One entry per registered handler (no I/O; for status displays): task type,
+        function (qualified name), version, partitions, singleton, groups, partitions
+        held by elastic group, tasks in flight, and whether it is live."""
+        out = []
+        for t, spec in sorted(self._specs.items()):
+            rt = self._runtimes.get(t)
+            out.append(
+                {
+                    "task_type": t,
+                    "function": getattr(spec.fn, "__qualname__", repr(spec.fn)),
+                    "version": spec.version,
+                    "partitions": spec.partitions,
+                    "singleton": spec.singleton,
+                    "groups": list(self.groups),
+                    "held": rt.describe() if rt is not None else {},
+                    "in_flight": len(rt.inflight) if rt is not None else 0,
+                    "live": rt is not None and rt.spec is spec,
+                }
+            )
+        return out
+
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Create/bind consumers, bind optional buckets, register in the directory,
-        start pulling. Raises ``ConfigError`` with no handlers, ``LifecycleError`` when
-        called twice, ``NotProvisionedError`` when streams/buckets are missing."""
+        """Check streams, bind optional buckets, register in the directory, start the
+        handlers registered so far. Raises :class:`LifecycleError` when called twice,
+        ``NotProvisionedError`` when streams/buckets are missing, and what starting a
+        handler raised (the worker is stopped again then)."""
         if self._state != "new":
             raise LifecycleError(f"start() called on a worker that is {self._state}")
-        if not self._specs:
-            raise ConfigError("start() with no handlers registered: call handle() first")
+        self._state = "starting"
         self._loop = asyncio.get_running_loop()
-        self._run_slots = asyncio.Semaphore(self.concurrency)
-        await require_stream(self.js, n.TASK_STREAM)
-        await require_stream(self.js, n.HISTORY_STREAM)
-        await require_stream(self.js, n.DEAD_LETTER_STREAM)
-        await self.services.bind_optional()
-        self.cancels = CancelWatcher(self.services.signals, self._on_cancel)
-        await self.cancels.start()
-        self._directory = Directory(
-            self.nc, self.worker_id, self._describe, refresh_every=self.heartbeat_interval
-        )
-        await self._directory.start()
-        self._state = "running"
         try:
-            for spec in self._specs.values():
-                rt = self._runtime_for(spec)
-                self._runtimes[spec.task_type] = rt
-                await rt.start()
+            await require_stream(self.js, n.TASK_STREAM)
+            await require_stream(self.js, n.HISTORY_STREAM)
+            await require_stream(self.js, n.DEAD_LETTER_STREAM)
+            await self.services.bind_optional()
+            sup = self._supervisor = Supervisor(self.nc, self.health)
+            self._cancels = CancelWatcher(self.services.signals, lambda r, why: None, sup.spawn)
+            executor = self._executor = Executor(
+                self.recorder, self.services, self.stats, self.telemetry, self._cancels.reason
+            )
+            self._cancels.on_cancel = executor.on_cancel
+            await self._cancels.start()
+            self._env = RuntimeEnv(
+                nc=self.nc,
+                js=self.js,
+                worker_id=self.worker_id,
+                groups=self.groups or (None,),
+                batch=self.batch,
+                pull_expires=self.pull_expires,
+                grace_period=self.grace_period,
+                liveness=self.liveness,
+                credits=Slots(self.concurrency),
+                health=self.health,
+                supervisor=sup,
+                executor=executor,
+                on_membership_change=self._refresh_directory,
+            )
+            self._directory = Directory(
+                self.nc, self.worker_id, self._describe, sup.spawn, self.heartbeat_interval
+            )
+            await self._directory.start()
+            sup.watch_connection()
+            self._state = "running"
+            self._converge()
+            await self.sync()
         except BaseException:
             await self.stop()
             raise
 
     def _runtime_for(self, spec: HandlerSpec) -> HandlerRuntime:
-        if spec.singleton:
-            return PartitionedRuntime(self, spec, 1)
-        if self.partitions:
-            return PartitionedRuntime(self, spec, self.partitions)
-        return HandlerRuntime(self, spec)
+        assert self._env is not None
+        if spec.partitions:
+            return PartitionedRuntime(self._env, spec)
+        return HandlerRuntime(self._env, spec)
 
     def _describe(self) -> dict[str, Any]:
         held: dict[str, object] = {}
@@ -275,9 +378,106 @@ class Worker:
         if self._directory is not None:
             await self._directory.refresh()
 
+    # ----------------------------------------------------- the one live path
+    def _converge(self) -> None:
+        """Bring the running runtimes in line with the registered handlers.
+
+        Code swaps happen here and now (no I/O). Adds, drains and re-creates need the
+        server: they are done one at a time by a background task, which ``sync()``
+        waits for."""
+        if self._state != "running":
+            return
+        for t, spec in self._specs.items():
+            rt = self._runtimes.get(t)
+            if (
+                rt is not None
+                and rt.spec is not spec
+                and rt.spec.needs_new_consumer == spec.needs_new_consumer
+            ):
+                rt.swap(spec)
+        if self._pending_change() is not None and (
+            self._converging is None or self._converging.done()
+        ):
+            assert self._loop is not None
+            self._converging = self._loop.create_task(self._apply_changes(), name="jsworker:live")
+
+    def _pending_change(self) -> tuple[str, str] | None:
+        """The next change that needs I/O: ``("drain" | "start", task_type)``."""
+        for t, rt in self._runtimes.items():
+            spec = self._specs.get(t)
+            if spec is None or spec.needs_new_consumer != rt.spec.needs_new_consumer:
+                return ("drain", t)
+        for t in self._specs:
+            if t not in self._runtimes:
+                return ("start", t)
+        return None
+
+    async def _apply_changes(self) -> None:
+        async with self._converge_lock:
+            while self._state == "running":
+                change = self._pending_change()
+                if change is None:
+                    return
+                what, t = change
+                if what == "drain":
+                    rt = self._runtimes[t]
+                    await rt.drain(
+                        rt.drain_grace if rt.drain_grace is not None else self.grace_period
+                    )
+                    del self._runtimes[t]
+                    log.info("handler %s removed from this worker", t)
+                else:
+                    await self._start_runtime(self._specs[t])
+                await self._refresh_quietly()
+                self._converge()  # swaps registered meanwhile
+
+    async def _start_runtime(self, spec: HandlerSpec) -> None:
+        rt = self._runtime_for(spec)
+        self._runtimes[spec.task_type] = rt
+        try:
+            await rt.start()
+        except Exception as e:
+            # a failed start must not leave half a runtime (a joined group, a loop)
+            del self._runtimes[spec.task_type]
+            await rt.drain(0)
+            if self._specs.get(spec.task_type) is spec:
+                del self._specs[spec.task_type]
+            log.error("handler %s could not start: %s", spec.task_type, e)
+            self._errors.append(e)
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._refresh_directory()
+        except Exception as e:  # the directory loop retries; the change itself is done
+            log.warning("directory refresh after a handler change failed: %s", e)
+
+    async def run(self) -> None:
+        """Start the worker if needed, then wait until it is stopped. Raises
+        :class:`WorkerFailedError` (after stopping the worker) when it cannot go on: a
+        background loop failed for good, or its NATS connection was closed."""
+        if self._state == "new":
+            await self.start()
+        sup = self._supervisor
+        if sup is None:
+            await self._stopped.wait()
+            return
+        failed = asyncio.ensure_future(sup.wait_failed())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failed.cancel()
+            stopped.cancel()
+        if sup.failed:
+            error = sup.error
+            await self.stop(0 if self.nc.is_closed else None)
+            raise WorkerFailedError(f"worker {self.worker_id} failed: {error}") from error
+
     async def stop(self, grace_period: Duration | None = None) -> None:
         """Stop fetching, let in-flight tasks finish within the grace period (while
-        heartbeating), nak what is left, deregister. Idempotent; safe before start."""
+        heartbeating), nak what is left, leave every elastic group, deregister.
+        Idempotent; safe before start. After it returns no task of the worker is left
+        on the event loop."""
         if self._state in ("new", "stopped"):
             self._state = "stopped"
             self._stopped.set()
@@ -291,25 +491,22 @@ class Worker:
             if grace_period is None
             else seconds(grace_period, name="grace_period", allow_zero=True)
         )
-        runtimes = list(self._runtimes.values())
-        await asyncio.gather(*(rt.stop_pulling() for rt in runtimes))
-        pending = [t for rt in runtimes for t in rt.inflight]
-        if pending:
-            # grace 0 means none: asyncio.wait(timeout=0) returns at once
-            _, still = await asyncio.wait(pending, timeout=grace)
-            if still:
-                for rt in runtimes:
-                    for t in list(rt.inflight):
-                        if t in still:
-                            t.cancel()
-                await asyncio.wait(still, timeout=5)
-        for rt in runtimes:
-            await rt.stop()
-        await self.cancels.stop()
-        if self._directory is not None:
-            await self._directory.stop()
-        self._state = "stopped"
-        self._stopped.set()
+        try:
+            if self._converging is not None:
+                # a live change in progress ends before the drain (it checks the state)
+                await asyncio.wait({self._converging})
+            runtimes = list(self._runtimes.values())
+            await asyncio.gather(*(rt.drain(grace) for rt in runtimes))
+            self._runtimes.clear()
+            if self._cancels is not None:
+                await self._cancels.stop()
+            if self._directory is not None:
+                await self._directory.stop()
+        finally:
+            if self._supervisor is not None:
+                await self._supervisor.stop()
+            self._state = "stopped"
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -322,187 +519,3 @@ class Worker:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
-
-    # -------------------------------------------------------------- execution
-    async def _execute(self, rt: HandlerRuntime, msg: Msg) -> None:
-        spec = rt.spec
-        try:
-            meta = msg.metadata
-            attempt = meta.num_delivered
-            seq = meta.sequence.stream
-        except Exception:  # not a JetStream message; nothing to ack
-            log.error("message without JetStream metadata on %s", msg.subject)
-            return
-        try:
-            payload = w.TaskPayload.decode(msg.data)
-        except PayloadError as e:
-            await self.recorder.dead_invalid(spec, msg, str(e), attempt, seq)
-            return
-        subject = rt.task_subject(msg)
-        tokens = subject.split(".")
-        group = tokens[2] if len(tokens) >= 4 else None
-        info = TaskInfo(
-            task_type=spec.task_type,
-            task_id=payload.task_id,
-            run_id=payload.run_id,
-            step_id=payload.step_id,
-            attempt=attempt,
-            iteration=payload.iteration,
-            metadata=payload.metadata,
-            group=group,
-            subject=subject,
-            stream_sequence=seq,
-        )
-        assert self._run_slots is not None
-        async with self._run_slots:
-            if self._state != "running":
-                # pulled but never started before stop: hand it back at once
-                self.stats.nacked_on_stop += 1
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-                return
-            await self._run(rt, spec, info, payload, msg)
-
-    async def _run(
-        self,
-        rt: HandlerRuntime,
-        spec: HandlerSpec,
-        info: TaskInfo,
-        payload: w.TaskPayload,
-        msg: Msg,
-    ) -> None:
-        reason = self.cancels.reason(info.run_id)
-        if reason is not None:
-            # cancelled while queued: never started
-            await self.recorder.apply(
-                spec, info, payload, msg, Outcome("cancelled", error=reason), checkpointed=True
-            )
-            return
-        self.stats.started += 1
-        await self.recorder.event(
-            info,
-            payload,
-            w.STEP_STARTED,
-            attempt_suffix(info),
-            {
-                "task_type": spec.task_type,
-                "task_id": payload.task_id,
-                "iteration": payload.iteration,
-                "group": info.group,
-            },
-            wait=False,
-        )
-        assert self._loop is not None
-        ctx = TaskContext(info, payload, msg, self.services, self._loop)
-        entry = (ctx, asyncio.current_task() if spec.is_async else None)
-        self._running_ctx.setdefault(info.run_id, set()).add(entry)
-        t0 = time.monotonic()
-        try:
-            with self.telemetry.task_span(
-                spec.task_type, info.run_id, info.step_id, payload.traceparent, payload.tracestate
-            ):
-                outcome = await self._call(spec, ctx)
-        except asyncio.CancelledError:
-            if ctx.cancelled and self._state == "running":
-                # cancelled by a user, not by stop(): record it; the task goes on
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
-                outcome = Outcome("cancelled", error=ctx._cancel_reason)
-            elif self._state == "stopping":
-                # grace period over: hand the task back at once instead of AckWait
-                self.stats.nacked_on_stop += 1
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-                return
-            else:
-                raise
-        finally:
-            runs = self._running_ctx.get(info.run_id)
-            if runs is not None:
-                runs.discard(entry)
-                if not runs:
-                    del self._running_ctx[info.run_id]
-        if ctx.cancelled and ctx.outcome is None and outcome.kind != "cancelled":
-            outcome = Outcome("cancelled", error=ctx._cancel_reason)
-        self.telemetry.record_duration(time.monotonic() - t0, spec.task_type)
-        if (
-            rt.ordered
-            and outcome.kind in ("fail", "retry_after")
-            and not spec.retry.exhausted(info.attempt)
-            and self._state == "running"
-        ):
-            # Ordered handlers retry in place: the key's later tasks wait behind this one
-            # (a nak would let them overtake it). The lease is renewed while waiting.
-            try:
-                delay = await self.recorder.record_retry(spec, info, payload, outcome)
-                await asyncio.sleep(delay)
-            except asyncio.CancelledError:
-                self.stats.nacked_on_stop += 1
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-                return
-            if self._state != "running":
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-                return
-            await self._run(rt, spec, replace(info, attempt=info.attempt + 1), payload, msg)
-            return
-        try:
-            await self.recorder.apply(
-                spec,
-                info,
-                payload,
-                msg,
-                outcome,
-                chunks=ctx.chunks_sent,
-                checkpointed=ctx._checkpointed,
-            )
-        except Exception as e:
-            # Could not record the outcome (server gone?): do not ack; the task is
-            # redelivered after AckWait and the outcome recorded then (dedup ids).
-            log.error("recording outcome of %s/%s failed: %s", info.run_id, info.step_id, e)
-
-    def _on_cancel(self, run_id: str, reason: str) -> None:
-        for ctx, task in list(self._running_ctx.get(run_id, ())):
-            ctx._cancelled = True
-            ctx._cancel_reason = reason
-            if task is not None:
-                task.cancel()
-
-    async def _call(self, spec: HandlerSpec, ctx: TaskContext) -> Outcome:
-        try:
-            if spec.is_async:
-                result = await spec.fn(ctx)
-            else:
-                result = await asyncio.to_thread(spec.fn, ctx)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            if ctx.outcome is not None:
-                log.warning(
-                    "handler %s raised after setting outcome %s: %r",
-                    spec.task_type,
-                    ctx.outcome.kind,
-                    e,
-                )
-                return ctx.outcome
-            if isinstance(e, PermanentError):
-                return Outcome("permanent", error=_errtext(e))
-            if isinstance(e, TaskCancelledError):
-                return Outcome("permanent", error=_errtext(e))
-            if isinstance(e, RetryableError) and e.delay is not None:
-                return Outcome("retry_after", error=_errtext(e), delay=clamp_retry_after(e.delay))
-            log.debug("handler %s raised", spec.task_type, exc_info=True)
-            return Outcome("fail", error=_errtext(e))
-        if ctx.outcome is not None:
-            return ctx.outcome
-        try:
-            return Outcome("complete", w.to_json_value(result, "handler return value"))
-        except PayloadError as e:
-            return Outcome("permanent", error=str(e))
-
-
-def _errtext(e: BaseException) -> str:
-    s = str(e)
-    return f"{type(e).__name__}: {s}" if s else type(e).__name__

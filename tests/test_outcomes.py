@@ -1,5 +1,6 @@
-"""Every row of DESIGN.md's "Task outcomes" table, the task context, lifecycle events and
-their deduplication, and payloads that are not tasks at all."""
+"""Every row of the outcomes table (docs/task-outcomes.md, docs/wire.md), the task
+context, lifecycle events and their deduplication, and payloads that are not tasks at
+all."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -82,7 +81,7 @@ async def completed_counts(nc: NATS, prefix: str, since: float) -> collections.C
         while True:
             try:
                 msgs = await sub.fetch(1000, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio's, depending on path
                 break
             for m in msgs:
                 ev = json.loads(m.data)

@@ -121,12 +121,21 @@ async def test_handler_not_callable_refused(nc: NATS, unique: Callable[[str], st
         w.handle(unique("t"), "not a function")  # type: ignore[call-overload]
 
 
-async def test_duplicate_handler_refused(nc: NATS, unique: Callable[[str], str]) -> None:
+async def test_registering_a_type_again_replaces_it(
+    nc: NATS, unique: Callable[[str], str]
+) -> None:
     ttype = unique("t")
     w = jsworker.Worker(nc)
     w.handle(ttype, _noop)
-    with pytest.raises(jsworker.ConfigError, match="already registered"):
-        w.handle(ttype, _noop)
+
+    async def other(ctx: jsworker.TaskContext) -> None:
+        return None
+
+    w.handle(ttype, other)
+    assert w.task_types == [ttype]
+    [info] = w.handler_info()
+    assert info["version"] == 2 and info["function"].endswith("other")
+    assert info["live"] is False  # not started
 
 
 async def test_decorator_registers_and_returns_function(
@@ -143,27 +152,35 @@ async def test_decorator_registers_and_returns_function(
     assert w.task_types == [ttype]
 
 
-async def test_start_without_handlers_refused(nc: NATS) -> None:
+async def test_start_without_handlers_is_allowed_for_live_use(
+    nc: NATS, unique: Callable[[str], str]
+) -> None:
     w = jsworker.Worker(nc)
-    with pytest.raises(jsworker.ConfigError, match="no handlers"):
-        await w.start()
-    assert not w.running
-
-
-async def test_register_after_start_refused(nc: NATS, unique: Callable[[str], str]) -> None:
-    w = jsworker.Worker(nc)
-    w.handle(unique("t"), _noop)
     await w.start()
     try:
-        with pytest.raises(jsworker.LifecycleError, match="before start"):
-            w.handle(unique("late"), _noop)
-        with pytest.raises(jsworker.LifecycleError):
+        assert w.running and w.task_types == []
+        ttype = unique("t")
+        w.handle(ttype, lambda ctx: "late")
+        await w.sync()
+        h = await jsworker.Client(nc).submit(ttype, None)
+        assert await h.result(timeout=10) == "late"
+    finally:
+        await w.stop()
 
-            @w.handle(unique("late"))
-            async def late(ctx: jsworker.TaskContext) -> None:
-                return None
 
-        assert len(w.task_types) == 1
+async def test_bad_option_raises_at_the_call_on_a_running_worker(
+    nc: NATS, unique: Callable[[str], str]
+) -> None:
+    w = jsworker.Worker(nc)
+    await w.start()
+    try:
+        with pytest.raises(jsworker.ConfigError, match="partitions"):
+            w.handle(unique("t"), _noop, partitions=999)
+        with pytest.raises(jsworker.ConfigError, match="unknown handler option"):
+            w.handle(unique("t"), _noop, colour="red")
+        with pytest.raises(jsworker.InvalidNameError):
+            w.handle("a.>", _noop)
+        assert w.task_types == []
     finally:
         await w.stop()
 

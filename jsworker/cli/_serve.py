@@ -81,17 +81,26 @@ class ShutdownSignals:
 
 
 def status_text(worker: Worker, started: float) -> Text:
-    """``● worker-… done 12  failed 1  dead 0  in flight 3  up 42s``"""
+    """``● worker-… done 12  failed 1  dead 0  in flight 3  up 42s``; a failed worker
+    shows its error instead of a green dot, and background loop restarts are counted."""
     s = worker.stats
+    h = worker.health
     up = time.monotonic() - started
     t = Text()
-    t.append("● ", style="green" if worker.running else "yellow")
+    if h.fatal:
+        t.append("✖ ", style="bold red")
+    else:
+        t.append("● ", style="green" if worker.running and not h.loop_failures else "yellow")
     t.append(f"{worker.worker_id}  ", style="bold")
     t.append(f"done {s.completed}  ", style="green")
     t.append(f"failed {s.failed}  ", style="yellow")
     t.append(f"dead {s.dead}  ", style="red")
     t.append(f"in flight {worker.in_flight}  ")
+    if h.loop_failures:
+        t.append(f"restarts {h.loop_failures}  ", style="yellow")
     t.append(f"up {up:.0f}s", style="dim")
+    if h.fatal:
+        t.append(f"  FAILED: {h.fatal}", style="red")
     return t
 
 
@@ -102,35 +111,44 @@ async def serve_worker(
     url: str,
     signals: ShutdownSignals,
 ) -> None:
-    """Start ``worker``, show its status until ``signals`` asks to stop, then stop it
-    gracefully. (The caller installs ``signals`` before connecting, so a SIGTERM that
-    arrives while starting up is not lost either.)"""
+    """Start ``worker``, show its status until ``signals`` asks to stop or the worker
+    fails, then stop it gracefully. (The caller installs ``signals`` before connecting,
+    so a SIGTERM that arrives while starting up is not lost either.) A worker that
+    fails raises :class:`WorkerFailedError` here, which makes ``serve`` exit 1, so a
+    process supervisor restarts it instead of a process that serves nothing."""
     await worker.start()
+    runner = asyncio.create_task(worker.run())
     started = time.monotonic()
     console.print(
         Text.assemble(
             ("serving ", "bold"),
-            ", ".join(worker.task_types),
+            ", ".join(worker.task_types) or "(no handlers yet)",
             f" on {url} as {worker.worker_id} (Ctrl-C stops)",
         ),
         soft_wrap=True,
     )
+
+    def going() -> bool:
+        return not signals.stop.is_set() and not runner.done()
+
     try:
         if console.is_terminal:
             with Live(status_text(worker, started), console=console, refresh_per_second=4) as live:
-                while not signals.stop.is_set():
+                while going():
                     await signals.sleep(0.25)
                     live.update(status_text(worker, started))
         else:
             last = time.monotonic()
-            while not signals.stop.is_set():
+            while going():
                 await signals.sleep(0.25)
                 if time.monotonic() - last >= PLAIN_EVERY:
                     last = time.monotonic()
                     console.print(status_text(worker, started), soft_wrap=True)
     finally:
-        await worker.stop(grace)
-    console.print(status_text(worker, started), soft_wrap=True)
+        if not runner.done():
+            await worker.stop(grace)
+        console.print(status_text(worker, started), soft_wrap=True)
+    await runner  # raises WorkerFailedError when the worker failed
 
 
 @click.command("serve")
