@@ -20,7 +20,7 @@ from . import _names as n
 from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
 from ._services import CHUNK_SEQ, Services
-from ._telemetry import current_traceparent
+from ._telemetry import Telemetry, current_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +155,14 @@ class Client:
     (within the stream's 10 min duplicate window).
     """
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, *, telemetry: Telemetry | None = None) -> None:
+        """``telemetry``: with a tracer provider, every submit is a PRODUCER span whose
+        context the task carries, so the worker's span is its child (default: off; an
+        active span of your own is still propagated)."""
         self.nc = nc
         self.js = nc.jetstream()
         self.services = Services(nc)
+        self.telemetry = telemetry or Telemetry()
 
     def _build(
         self,
@@ -170,6 +174,7 @@ class Client:
         step_id: str | None,
         metadata: Mapping[str, str] | None,
         key: str | None = None,
+        trace: tuple[str, str] | None = None,
     ) -> tuple[str, bytes, str, str, str]:
         n.validate_task_type(task_type)
         if key is not None:
@@ -178,7 +183,7 @@ class Client:
             n.validate_group(group)
         run_id = n.validate_run_id(run_id) if run_id is not None else n.new_run_id()
         step_id = n.validate_step_id(step_id) if step_id is not None else task_type
-        tp, ts = current_traceparent()
+        tp, ts = trace if trace is not None else current_traceparent()
         task_id = n.new_task_id()
         value = w.to_json_value(input, "input")
         body = w.TaskPayload(
@@ -238,6 +243,34 @@ class Client:
         input that fits), ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
         ``stream=True`` subscribes to the task's partial results before publishing, so
         ``handle.stream()`` sees every chunk."""
+        producer = self.telemetry.start_producer(task_type, group)
+        if producer is None:
+            return await self._submit(
+                task_type, input, group, run_id, step_id, metadata, stream, key
+            )
+        span, trace = producer
+        try:
+            handle = await self._submit(
+                task_type, input, group, run_id, step_id, metadata, stream, key, trace
+            )
+        except BaseException as e:
+            Telemetry.end_producer(span, error=e)
+            raise
+        Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
+        return handle
+
+    async def _submit(
+        self,
+        task_type: str,
+        input: Any,
+        group: str | None,
+        run_id: str | None,
+        step_id: str | None,
+        metadata: Mapping[str, str] | None,
+        stream: bool,
+        key: str | None,
+        trace: tuple[str, str] | None = None,
+    ) -> TaskHandle:
         subject, body, run_id, step_id, task_id = self._build(
             task_type,
             input,
@@ -246,6 +279,7 @@ class Client:
             step_id=step_id,
             metadata=metadata,
             key=key,
+            trace=trace,
         )
         chunk_sub = None
         if stream:
@@ -297,11 +331,16 @@ class Client:
         self, tasks: Iterable[TaskRequest], *, window: int = 256
     ) -> list[TaskHandle]:
         """Submit many tasks with up to ``window`` publishes in flight; returns handles in
-        order. Every task is validated before anything is published."""
-        built = [
-            (
-                t,
-                self._build(
+        order. Every task is validated before anything is published. With tracing on,
+        each task gets its own producer span."""
+        built = []
+        spans: list[Any] = []
+        try:
+            for t in tasks:
+                producer = self.telemetry.start_producer(t.task_type, t.group)
+                if producer is not None:
+                    spans.append(producer[0])
+                b = self._build(
                     t.task_type,
                     t.input,
                     group=t.group,
@@ -309,21 +348,31 @@ class Client:
                     step_id=t.step_id,
                     key=t.key,
                     metadata=t.metadata,
-                ),
-            )
-            for t in tasks
-        ]
+                    trace=producer[1] if producer is not None else None,
+                )
+                built.append((t, b, producer[0] if producer is not None else None))
+        except BaseException as e:
+            for span in spans:
+                Telemetry.end_producer(span, error=e)
+            raise
         sem = asyncio.Semaphore(window)
 
-        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str]) -> TaskHandle:
+        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str], span: Any) -> TaskHandle:
             subject, body, run_id, step_id, task_id = b
-            async with sem:
-                ack = await self._publish(subject, body, f"{run_id}.{step_id}.0")
+            try:
+                async with sem:
+                    ack = await self._publish(subject, body, f"{run_id}.{step_id}.0")
+            except BaseException as e:
+                if span is not None:
+                    Telemetry.end_producer(span, error=e)
+                raise
+            if span is not None:
+                Telemetry.end_producer(span, run_id=run_id, subject=subject)
             return TaskHandle(
                 self, t.task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
             )
 
-        return list(await asyncio.gather(*(one(t, b) for t, b in built)))
+        return list(await asyncio.gather(*(one(t, b, span) for t, b, span in built)))
 
     async def run_events(
         self, run_id: str, *, timeout: float | None = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
@@ -107,7 +106,7 @@ class Executor:
             ran = await self._attempt(rt, spec, info, payload, msg)
             if ran is None:
                 return  # handed back
-            outcome, ctx = ran
+            outcome, ctx, payload = ran
             if not (
                 rt.ordered
                 and outcome.kind in ("fail", "retry_after")
@@ -163,8 +162,10 @@ class Executor:
         info: TaskInfo,
         payload: w.TaskPayload,
         msg: Msg,
-    ) -> tuple[Outcome, TaskContext] | None:
-        """One call of the handler; ``None`` when the task was handed back instead."""
+    ) -> tuple[Outcome, TaskContext, w.TaskPayload] | None:
+        """One call of the handler; ``None`` when the task was handed back instead. The
+        payload returned is what a successor (``continue_``) is built from: with
+        telemetry on, it carries this attempt's span as ``traceparent``."""
         self.stats.started += 1
         await self.recorder.event(
             info,
@@ -184,12 +185,11 @@ class Executor:
         self._running.setdefault(info.run_id, set()).add(entry)
         version = (spec.task_type, spec.version)
         self.running_versions[version] = self.running_versions.get(version, 0) + 1
-        t0 = time.monotonic()
         try:
-            with self.telemetry.task_span(
-                spec.task_type, info.run_id, info.step_id, payload.traceparent, payload.tracestate
-            ):
+            with self.telemetry.task_span(spec.task_type, info, payload, msg.subject) as obs:
                 outcome = await call_handler(spec, ctx)
+                if obs is not None:  # telemetry on: span attributes, retry event, metrics
+                    payload = obs.finish(outcome, spec.retry, spec.max_iterations)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if ctx.cancelled and not rt.draining.is_set():
@@ -219,8 +219,7 @@ class Executor:
                 self._versions_changed.set()
         if ctx.cancelled and ctx.outcome is None and outcome.kind != "cancelled":
             outcome = Outcome("cancelled", error=ctx._cancel_reason)
-        self.telemetry.record_duration(time.monotonic() - t0, spec.task_type)
-        return outcome, ctx
+        return outcome, ctx, payload
 
     async def _hand_back(self, msg: Msg) -> None:
         self.stats.nacked_on_stop += 1

@@ -24,6 +24,7 @@ from .. import _wire as w
 from .._client import Client
 from .._context import TaskContext
 from .._retry import RetryPolicy
+from .._telemetry import Telemetry
 from .._worker import Worker
 from ._output import EVENT_STYLE, compact, console
 from ._serve import ShutdownSignals
@@ -180,13 +181,21 @@ class DemoBoard:
 
 
 async def run_demo(
-    nc: NATS, *, tasks: int, rate: float, exit_after: bool, signals: ShutdownSignals
+    nc: NATS,
+    *,
+    tasks: int,
+    rate: float,
+    exit_after: bool,
+    signals: ShutdownSignals,
+    telemetry: Telemetry | None = None,
 ) -> DemoSummary:
     """Run the demo until every task reached an outcome (``exit_after``) or a signal."""
     board = DemoBoard(tasks)
     sub = await nc.subscribe("history.>", cb=board.on_event)
-    client = Client(nc)
+    client = Client(nc, telemetry=telemetry)
     worker = demo_worker(nc)
+    if telemetry is not None:
+        worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
     rng = random.Random(42)
 
     async def produce() -> None:

@@ -10,14 +10,17 @@ from rich.text import Text
 
 from .._provision import setup_all, summarize
 from .._server import EmbeddedCluster, EmbeddedServer
+from .._telemetry import Telemetry
 from ._connect import ConnOptions, run
 from ._demo import run_demo
 from ._importer import build_worker, check_target, import_from_string
+from ._otel import otel_console_option, otel_session
 from ._output import console
 from ._serve import ShutdownSignals, serve_worker
 
 
 @click.command("dev")
+@otel_console_option
 @click.option("--demo", is_flag=True, help="Run the built-in demo worker and a stream of tasks.")
 @click.option("--app", "target", metavar="MODULE:ATTR", help="Serve this worker (as `serve`).")
 @click.option(
@@ -55,6 +58,7 @@ from ._serve import ShutdownSignals, serve_worker
     "provision with replicas 3  [default: one server]",
 )
 def dev(
+    otel_console: bool,
     demo: bool,
     target: str | None,
     app_dir: str,
@@ -82,6 +86,7 @@ def dev(
       jsworker dev --demo --demo-tasks 1000 --rate 500
       jsworker dev --app myapp.tasks:make_worker --port 4222
       jsworker dev --app tasks:make_worker --app-dir src --store-dir .jsworker-data
+      jsworker dev --demo --demo-tasks 5 --exit-after-demo --otel-console
       jsworker dev --demo --cluster 3            # 3 nodes, streams and buckets R3
     """
     if demo == (target is not None):
@@ -104,7 +109,10 @@ def dev(
             return
         server = EmbeddedServer(port=port, store_dir=store_dir)
         # installed first, so a Ctrl-C or SIGTERM while starting still stops the server
-        with ShutdownSignals(on_force=server.kill) as signals:
+        with (
+            ShutdownSignals(on_force=server.kill) as signals,
+            otel_session(console=otel_console, service="jsworker-dev") as telemetry,
+        ):
             await server.start()
             try:
                 console.print(
@@ -116,7 +124,7 @@ def dev(
                     ),
                     soft_wrap=True,
                 )
-                await run_on(server.url, 1, signals)
+                await run_on(server.url, 1, signals, telemetry)
             finally:
                 await server.stop()
 
@@ -127,7 +135,10 @@ def dev(
             for node in cluster.servers:
                 node.kill()
 
-        with ShutdownSignals(on_force=kill_all) as signals:
+        with (
+            ShutdownSignals(on_force=kill_all) as signals,
+            otel_session(console=otel_console, service="jsworker-dev") as telemetry,
+        ):
             try:
                 await cluster.start()
                 for node in cluster.servers:
@@ -141,11 +152,13 @@ def dev(
                     )
                 urls = ",".join(cluster.urls)
                 console.print(Text(f"in other terminals: export NATS_URL={urls}"), soft_wrap=True)
-                await run_on(urls, min(3, size), signals)
+                await run_on(urls, min(3, size), signals, telemetry)
             finally:
                 await cluster.stop()
 
-    async def run_on(url: str, replicas: int, signals: ShutdownSignals) -> None:
+    async def run_on(
+        url: str, replicas: int, signals: ShutdownSignals, telemetry: Telemetry | None
+    ) -> None:
         conn = ConnOptions(url=url)
         nc = await conn.connect(long_running=True, name="jsworker-dev")
         try:
@@ -157,11 +170,18 @@ def dev(
             )
             if obj is None:
                 summary = await run_demo(
-                    nc, tasks=demo_tasks, rate=rate, exit_after=exit_after_demo, signals=signals
+                    nc,
+                    tasks=demo_tasks,
+                    rate=rate,
+                    exit_after=exit_after_demo,
+                    signals=signals,
+                    telemetry=telemetry,
                 )
                 console.print(Text(summary.line(), style="bold"), soft_wrap=True)
                 return
             worker = await build_worker(obj, nc, conn)
+            if telemetry is not None:
+                worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
             try:
                 await serve_worker(worker, grace=None, url=url, signals=signals)
             finally:

@@ -20,6 +20,7 @@ from rich.text import Text
 from .._worker import Worker
 from ._connect import ConnOptions, pass_conn, run
 from ._importer import build_worker, check_target, import_from_string, needs_connection
+from ._otel import otel_console_option, otel_session
 from ._output import console, err
 
 PLAIN_EVERY = 5.0  # seconds between status lines when stdout is not a terminal
@@ -165,8 +166,11 @@ async def serve_worker(
     default=None,
     help="Seconds in-flight tasks get to finish on stop  [default: the Worker's grace_period]",
 )
+@otel_console_option
 @pass_conn
-def serve(conn: ConnOptions, target: str, app_dir: str, grace: float | None) -> None:
+def serve(
+    conn: ConnOptions, target: str, app_dir: str, grace: float | None, otel_console: bool
+) -> None:
     """Run the worker TARGET (module:attr) until Ctrl-C or SIGTERM.
 
     TARGET names, in an importable module (attr may be dotted):
@@ -181,6 +185,9 @@ def serve(conn: ConnOptions, target: str, app_dir: str, grace: float | None) -> 
     Shows done / failed / dead / in-flight counts (a plain line every 5 s when
     stdout is not a terminal). The first Ctrl-C or SIGTERM stops fetching and
     lets in-flight tasks finish within --grace; a second one exits at once.
+
+    OpenTelemetry (spans per task, metrics) is switched on by the standard
+    OTEL_* variables (OTLP: pip install 'jsworker[otel]') or --otel-console.
 
     \b
     Examples:
@@ -208,13 +215,18 @@ def serve(conn: ConnOptions, target: str, app_dir: str, grace: float | None) -> 
     check_target(obj)
 
     async def main() -> None:
-        with ShutdownSignals() as signals:
+        with (
+            ShutdownSignals() as signals,
+            otel_session(console=otel_console, service="jsworker-serve") as telemetry,
+        ):
             nc: NATS | None = None
             if needs_connection(obj):
                 nc = await conn.connect(long_running=True, name="jsworker-serve")
             worker: Worker | None = None
             try:
                 worker = await build_worker(obj, nc, conn)
+                if telemetry is not None:
+                    worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
                 await serve_worker(worker, grace=grace, url=conn.display_url, signals=signals)
             finally:
                 for client in {c for c in (nc, worker.nc if worker else None) if c is not None}:

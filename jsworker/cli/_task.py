@@ -19,6 +19,7 @@ from .._errors import TaskFailed, TaskTimeout
 from .._services import CHUNK_SEQ
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
 from ._input import parse_metadata, read_json_arg
+from ._otel import otel_console_option, otel_session
 from ._output import compact, console, err, event_text, print_json, print_json_line, safe
 
 
@@ -47,6 +48,7 @@ def task_group() -> None:
     "--timeout", type=click.FloatRange(0.1), default=60.0, help="Seconds --wait waits at most."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@otel_console_option
 @pass_conn
 def submit(
     conn: ConnOptions,
@@ -59,6 +61,7 @@ def submit(
     wait: bool,
     timeout: float,
     as_json: bool,
+    otel_console: bool,
 ) -> None:
     """Submit a task of TASK_TYPE with INPUT: JSON text, - for stdin, or
     @file (default null).
@@ -84,7 +87,7 @@ def submit(
     meta = parse_metadata(metadata)
 
     async def go(nc: NATS) -> dict[str, Any]:
-        h = await Client(nc).submit(
+        h = await Client(nc, telemetry=telemetry).submit(
             task_type, value, group=group, run_id=run_id, metadata=meta, key=key
         )
         out: dict[str, Any] = {
@@ -105,7 +108,9 @@ def submit(
                 out.update(status="timeout", error=str(e))
         return out
 
-    out = run(with_nc(conn, go))
+    # a producer span per submit when OTEL_* or --otel-console ask for it
+    with otel_session(console=otel_console, service="jsworker-cli") as telemetry:
+        out = run(with_nc(conn, go))
     if as_json:
         print_json(out)
     else:
