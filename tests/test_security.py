@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from nats.aio.client import Client as NATS
 import jsworker
 from jsworker import EmbeddedServer
 from jsworker._names import MAX_WORKER_ID_LEN, validate_worker_id
+from jsworker._redact import redact_url
 from jsworker._server import find_nats_server, free_port
 from jsworker._services import CHUNK_SEQ
-from jsworker.cli._connect import ConnOptions, redact_url
+from jsworker.cli._connect import ConnOptions
 from jsworker.cli._output import _secrets, json_text, redact, safe
 
 # every way a wire string can attack a terminal: markup, a stray closing tag, an ANSI
@@ -35,6 +36,25 @@ from jsworker.cli._output import _secrets, json_text, redact, safe
 NASTY = "[/]x[bold]y\x1b[31mred\rcr\x00nul\u202eevil"
 RAW = ("\x1b", "\r", "\x00", "\u202e")  # must never reach the terminal
 SHOWN = ("[/]x[bold]y", "\\x1b[31mred", "\\rcr", "\\x00nul", "\\u202eevil")  # shown as text
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[EmbeddedServer]:
+    """This module's own server (overrides the session one for ``nc`` and
+    ``server_env`` here): the task types and hostile entries these tests write stay off
+    the shared server, whose listings other tests read (``top``'s screen)."""
+    srv = EmbeddedServer().start_sync()
+
+    async def provision() -> None:
+        nc = await nats.connect(srv.url)
+        try:
+            await jsworker.setup_all(nc)
+        finally:
+            await nc.close()
+
+    asyncio.run(provision())
+    yield srv
+    srv.stop_sync()
 
 
 def cli(
@@ -220,6 +240,22 @@ async def test_tokens_are_never_printed() -> None:
         p = await acli("--url", f"nats://{TOKEN}x@127.0.0.1:{srv.port}", "workers")
         assert p.returncode == 1 and "nats://***@127.0.0.1" in p.stderr, p.stderr
         no_secret(p, TOKEN)
+
+
+async def test_interactive_session_never_shows_the_password() -> None:
+    from jsworker import interactive
+
+    async with EmbeddedServer(user="alice", password=SECRET) as srv:
+        url = f"nats://alice:{SECRET}@127.0.0.1:{srv.port}"
+        session = await interactive.connect(url, provision=True)
+        try:
+            shown = repr(session) + session._repr_html_()
+            assert SECRET not in shown and "alice:***@127.0.0.1" in shown, shown
+        finally:
+            await session.close()
+        with pytest.raises(jsworker.ServerError) as e:
+            await interactive.connect(f"nats://alice:{SECRET}@127.0.0.1:1")
+        assert SECRET not in str(e.value) and "alice:***@" in str(e.value)
 
 
 # ------------------------------------------------------------------ terminal safety

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, urlsplit
 
 import click
 import nats
@@ -28,7 +27,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from .._errors import JSWorkerError
-from ._output import REDACTED, CLIError, add_secret, err
+from .._redact import redact_urls, split_url
+from ._output import CLIError, add_secret, err
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,7 +55,7 @@ class ConnOptions:
         add_secret(self.password)
         add_secret(self.token)
         for u in self.servers:
-            parts = _split(u)
+            parts = split_url(u)
             if parts is not None and parts.password:
                 add_secret(parts.password)
             elif parts is not None and parts.username:  # nats://TOKEN@host
@@ -69,7 +69,7 @@ class ConnOptions:
     def display_url(self) -> str:
         """:attr:`url` safe to print: ``nats://alice:***@host:4222`` for a password in
         the URL, ``nats://***@host:4222`` for a token in it."""
-        return ",".join(redact_url(u) for u in self.servers)
+        return redact_urls(self.url)
 
     def kwargs(self, name: str, error_cb: Callable[[Exception], Awaitable[None]]) -> dict[str, Any]:
         """``nats.connect`` keyword arguments, always with ``allow_reconnect=False``:
@@ -181,29 +181,6 @@ class ConnOptions:
         elif not self.tls_ca:
             hint = "; if it requires TLS, pass --tls-ca (or use a tls:// URL)"
         return f"the NATS server at {self.display_url} closed the connection while connecting{hint}"
-
-
-def _split(url: str) -> SplitResult | None:
-    try:
-        parts = urlsplit(url if "://" in url else f"nats://{url}")
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
-        return None
-    return parts
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its secret: the password (``user:***@``) or a token (``***@``)."""
-    parts = _split(url)
-    if parts is None:
-        # not a URL we can take apart: hide everything up to the last '@'
-        return f"{REDACTED}@{url.rpartition('@')[2]}" if "@" in url else url
-    if not parts.username and parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    who = f"{parts.username}:{REDACTED}" if parts.password is not None else REDACTED
-    scheme = f"{parts.scheme}://" if "://" in url else ""
-    return f"{scheme}{who}@{host}{parts.path}"
 
 
 def _nkeys() -> Any:

@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.segment import Segment
 from rich.text import Text
 
+from .._redact import REDACTED
+
 
 class _TerminalSafeConsole(Console):
     """A rich console that never writes a control character it did not make itself.
@@ -49,7 +51,6 @@ class _TerminalSafeConsole(Console):
 console: Console = _TerminalSafeConsole()
 err_console: Console = _TerminalSafeConsole(stderr=True)
 
-REDACTED = "***"
 
 # colour per ProvisionResult.status (``jsworker kv setup``)
 STATUS_STYLE = {
