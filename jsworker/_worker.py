@@ -78,8 +78,11 @@ class Worker:
         pull_expires: how long one pull request waits on the server (default 5 s).
         worker_id: default ``worker-{16 hex}``.
         heartbeat_interval: how often the worker directory entry is refreshed (default
-            30 s). A partition member whose entry is older than 3x this (at most 60 s,
-            the bucket TTL) is considered dead and its partitions are moved.
+            30 s). It bounds failover only for a member that is stalled or cut off
+            without its connection closing (a lost machine): its partitions move once
+            its entry is older than 3x this (at most 60 s, the bucket TTL). A member
+            whose process died is found by its closed connection within about 7 s
+            whatever this is (see docs/partitions.md, "Failover").
 
     Handlers may be registered before or after :meth:`start`; on a running worker a
     registration goes live at once (see :meth:`handle`). ``start`` with no handlers is
@@ -140,8 +143,9 @@ class Worker:
         self.heartbeat_interval = seconds(
             heartbeat_interval, name="heartbeat_interval", minimum=0.05, maximum=30.0
         )
-        # a member whose directory entry was not refreshed for this long is dead; never
-        # more than the directory bucket's 60 s TTL, after which the entry is gone anyway
+        # a member that does not answer its presence subject and whose directory entry was
+        # not refreshed for this long is dead; never more than the directory bucket's 60 s
+        # TTL, after which the entry is gone anyway
         self.liveness = min(60.0, 3 * self.heartbeat_interval)
         self.stats = WorkerStats()
         self.health = WorkerHealth()

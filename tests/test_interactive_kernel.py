@@ -53,6 +53,8 @@ async def test_define_submit_redefine_in_cells(
     )
     res = await kernel.ok(f"await session.submit({t!r}, {{'text': 'hi'}}, wait=True)")
     assert res.text == "'HI'"
+    res = await kernel.ok("1 + 1;  # a trailing ';' still hides the value")
+    assert res.data == []
     # redefined in a later cell: the next task runs the new code
     await kernel.ok(
         textwrap.dedent(f"""
@@ -116,6 +118,9 @@ async def test_consumer_failure_raises_in_the_defining_cell(
         assert res.error is not None, res
         assert res.error["ename"] == "ConsumerConflictError"
         assert "overlaps" in res.error["evalue"]
+        # a message for the person: one line, no traceback
+        assert len(res.error["traceback"]) == 1
+        assert "ConsumerConflictError" in res.error["traceback"][0]
         assert "defined" in res.stdout  # the cell ran; the failure is reported at its end
         # the next cell is not blamed for it
         res = await kernel.ok("1 + 1")

@@ -271,6 +271,8 @@ def test_repl_joins_a_partitioned_cluster(
             "    return {'v': 'repl-v1'}",
         )
         asyncio.run(members_are(3))
+        out = s.statement(f"await partition_map({t!r})")
+        assert f"map {t}: 3 members" in out
         batch = (
             f"outs = [await (await submit({t!r}, {{'k': f'k{{i}}', 'i': i}}, key=f'k{{i}}'))"
             ".result(timeout=30) for i in range(32)]"
@@ -291,8 +293,14 @@ def test_repl_joins_a_partitioned_cluster(
         s.statement(batch)
         out = s.statement("sorted({o['v'] for o in outs})")
         assert "['serve']" in out
+        # joined again, then Ctrl-D: the REPL's worker leaves the group on its way out
+        s.statement(f"handle({t!r}, lambda ctx: {{'v': 'repl-v3'}}, partitions=8)")
+        asyncio.run(members_are(3))
         s.p.sendeof()
         s.expect(pexpect.EOF)
+        s.p.close()
+        assert s.p.exitstatus == 0
+        asyncio.run(members_are(2))
     finally:
         for p in procs:
             p.terminate()

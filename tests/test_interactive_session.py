@@ -94,3 +94,21 @@ async def test_private_group_and_close(
     with pytest.raises(jsworker.LifecycleError, match="closed"):
         s.handle(t, lambda ctx: 1)
     assert "closed" in repr(s)
+
+
+async def test_tail_trusts_nothing_from_the_wire(
+    session: Session, unique: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jsworker.interactive._session import print_event
+
+    run = unique("run")
+    js = session.nc.jetstream()
+    await js.publish(f"history.{run}", b"[1, 2]")
+    await js.publish(f"history.{run}", b"not json")
+    await js.publish(f"history.{run}", b'{"type": "step.completed", "payload": "odd"}')
+    events = await session.tail(run, seconds=5)
+    assert events == [{"type": "step.completed", "payload": "odd"}]
+    out = capsys.readouterr().out
+    assert "step.completed" in out
+    print_event({"payload": ["x"], "type": 3})  # odd shapes print, never raise
+    assert "3" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,10 @@ class GroupMap:
         ]
         if m.unassigned:
             rows.append(["(unassigned)", len(m.unassigned), _ranges(m.unassigned)])
+        if m.not_consumed:  # assigned, but the member's consumer is not there (yet)
+            rows.append(
+                ["(assigned, not consumed yet)", len(m.not_consumed), _ranges(m.not_consumed)]
+            )
         return _html_table(
             f"{title}: {len(m.members)} members, {m.max_partitions} partitions, "
             f"revision {m.revision}",
@@ -211,16 +216,20 @@ class Snapshot:
         return Group(*parts)
 
 
-async def take_snapshot(session: Session) -> Snapshot:
-    """Read the worker (no I/O) and every partitioned handler's group map (KV reads)."""
+async def take_snapshot(session: Session, types: Sequence[str] = ()) -> Snapshot:
+    """Read the worker (no I/O) and the group map (KV reads) of every partitioned
+    handler, and of ``types`` (partitioned types served by others) too."""
     w = session.worker
     handlers = w.handler_info() if not session.closed else []
-    maps: list[GroupMap] = []
+    wanted: list[tuple[str, str | None]] = []
     for h in handlers:
-        if not (h.get("partitions") or h.get("singleton")):
-            continue
-        for group in h.get("groups") or [None]:
-            maps.append(await group_map(session, str(h["task_type"]), group))
+        if h.get("partitions") or h.get("singleton"):
+            wanted.extend((str(h["task_type"]), g) for g in h.get("groups") or [None])
+    for t in types:
+        for g in [session.group] if session.group else [None]:
+            if (t, g) not in wanted:
+                wanted.append((t, g))
+    maps = [await group_map(session, t, g) for t, g in wanted] if not session.closed else []
     state = "closed" if session.closed else ("running" if w.running else "stopped")
     return Snapshot(
         worker_id=w.worker_id,
@@ -286,9 +295,10 @@ def session_html(session: Session) -> str:
 class LiveView:
     """A notebook display kept current by a task on the kernel's loop (see :func:`live`)."""
 
-    def __init__(self, session: Session, every: float) -> None:
+    def __init__(self, session: Session, every: float, types: Sequence[str] = ()) -> None:
         self.session = session
         self.every = every
+        self.types = tuple(types)
         self.task: asyncio.Task[None] | None = None
         self.updates = 0
         self.error: str | None = None
@@ -296,7 +306,7 @@ class LiveView:
     async def _loop(self, handle: Any, last: str) -> None:
         while not self.session.closed:
             try:
-                snap = await take_snapshot(self.session)
+                snap = await take_snapshot(self.session, self.types)
             except Exception as e:  # shown in the display, never lost in a log
                 self.error = f"{type(e).__name__}: {e}"
                 await asyncio.sleep(self.every)
@@ -314,18 +324,20 @@ class LiveView:
             self.task.cancel()
 
     def __repr__(self) -> str:
-        state = "running" if self.task is not None and not self.task.done() else "stopped"
+        running = self.task is not None and not self.task.done() and not self.task.cancelling()
+        state = "running" if running else "stopped"
         return f"<jsworker live view, {state}, {self.updates} updates>"
 
 
-async def live(session: Session, every: float = 1.0) -> LiveView:
+async def live(session: Session, every: float = 1.0, types: Sequence[str] = ()) -> LiveView:
     """Show the session's snapshot in this cell and keep it updated (every ``every``
     seconds, only when it changed) while the kernel is idle or runs other cells.
-    ``.stop()`` ends the updates; closing the session ends them too."""
+    ``types``: partitioned types to show the map of even when this session does not
+    handle them (yet). ``.stop()`` ends the updates; closing the session ends them."""
     from IPython.display import display
 
-    view = LiveView(session, every)
-    first = await take_snapshot(session)
+    view = LiveView(session, every, types)
+    first = await take_snapshot(session, view.types)
     handle = display(first, display_id=True)  # type: ignore[no-untyped-call]
     view.task = asyncio.get_running_loop().create_task(
         view._loop(handle, first._repr_html_()), name="jsworker-live"

@@ -102,7 +102,20 @@ def install(ip: Any) -> None:
     # a plain line magic too: `%lsmagic` lists it and `%jsworker?` shows the help; the
     # transformer above rewrites every `%jsworker` line before this could run
     ip.register_magic_function(_sync_magic, "line", "jsworker")
+    if not ip.custom_exceptions:
+        ip.set_custom_exc((JSWorkerError,), _one_line)
     _close_on_kernel_shutdown(ip)
+
+
+def _one_line(
+    shell: Any, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: Any = None
+) -> list[str]:
+    """jsworker's own errors (a refused consumer, a missing stream, a bad option, a
+    failed task) are messages for the person: one red line, no traceback. The error is
+    still the cell's error, with its type."""
+    stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
+    shell._showtraceback(etype, value, stb)
+    return stb
 
 
 def _close_on_kernel_shutdown(ip: Any) -> None:
@@ -182,7 +195,18 @@ def _append_after_cell(lines: list[str]) -> list[str]:
     head: list[str] = []
     if state.autoconnect is not None and state.session is None:
         head = [_BEFORE + "\n"]
-    return [*head, *lines, _AFTER + "\n"]
+    # IPython reads a trailing ';' (output suppressed) from the transformed cell's end
+    tail = ";" if _ends_with_semicolon("".join(lines)) else ""
+    return [*head, *lines, _AFTER + tail + "\n"]
+
+
+def _ends_with_semicolon(source: str) -> bool:
+    from IPython.core.displayhook import DisplayHook
+
+    try:
+        return bool(DisplayHook.semicolon_at_end_of_expression(source))  # type: ignore[no-untyped-call]
+    except Exception:  # a cell that does not tokenize: compiling it reports that
+        return False
 
 
 class _FoldLast(ast.NodeTransformer):
@@ -237,7 +261,8 @@ async def before_cell() -> None:
 COMMANDS = {
     "connect": "connect [URL] [--group G | --dev]  (no URL: an embedded server); binds `session`",
     "status": "status  (worker, handlers, partition maps, recent outcomes)",
-    "live": "live [SECONDS]  (the status, kept up to date in this cell's output)",
+    "live": "live [SECONDS] [--type T]  (the status kept up to date in this cell's output; "
+    "--type: also T's partition map)",
     "submit": "submit TYPE [JSON] [--key K] [--group G] [--wait]",
     "tail": "tail [RUN_ID] [--seconds S] [--count N]",
     "remove": "remove TYPE  (drain, hand back partitions)",
@@ -331,8 +356,9 @@ async def run_magic(line: str) -> Any:
     if cmd == "live":
         from ._display import live
 
-        every = _number(rest[0], "SECONDS") if rest else 1.0
-        return await live(current(), every)
+        pos, o = _opts(rest, set(), {"--type"})
+        every = _number(pos[0], "SECONDS") if pos else 1.0
+        return await live(current(), every, [o["type"]] if "type" in o else [])
     if cmd == "submit":
         pos, o = _opts(rest, {"--wait"}, {"--key", "--group"})
         if not 1 <= len(pos) <= 2:

@@ -40,6 +40,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from .._errors import JSWorkerError
 from ._session import Session
 
 PS1 = ">>> "
@@ -51,7 +52,7 @@ BANNER = """\
 jsworker {version} REPL: worker {worker} on {url}{group}
   @handle("type") def/async def ...   live at once; define it again to replace it
   await submit("type", {{...}}, wait=True)   await tail(run_id)   await status()
-  await remove("type")   await partitions("type")   session, worker, client
+  await remove("type")   await partition_map("type")   session, worker, client
   Ctrl-C interrupts the line, Ctrl-D leaves (the worker stops with its grace period)"""
 
 
@@ -105,6 +106,7 @@ def namespace(session: Session) -> dict[str, Any]:
         "tail": session.tail,
         "status": session.status,
         "partitions": session.partitions,
+        "partition_map": session.partition_map,
         "TaskContext": jsworker.TaskContext,
     }
 
@@ -213,7 +215,7 @@ class Repl:
         """The traceback from the statement's first frame on (this module's frames
         and asyncio's are dropped)."""
         et, e, tb = sys.exc_info()
-        if brief and e is not None:
+        if (brief or isinstance(e, JSWorkerError)) and e is not None:
             print(f"{type(e).__name__}: {e}", file=sys.stderr)
             return
         while tb is not None and tb.tb_frame.f_code.co_filename != "<repl>":

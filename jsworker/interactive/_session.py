@@ -18,7 +18,9 @@ import contextlib
 import functools
 import getpass
 import inspect
+import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from nats.aio.client import Client as NATS
 from .. import _names as n
 from .._client import Client, TaskHandle
 from .._context import TaskContext
-from .._errors import ConfigError, JSWorkerError, LifecycleError
+from .._errors import ConfigError, JSWorkerError, LifecycleError, ServerError
 from .._provision import setup_all
 from .._redact import redact_urls
 from .._server import EmbeddedServer
@@ -54,7 +56,7 @@ def dev_group(user: str | None = None) -> str:
 
 def print_event(ev: dict[str, Any]) -> None:
     """One event as one line (the default ``echo`` of :meth:`Session.tail`)."""
-    p = ev.get("payload") or {}
+    p = _payload(ev)
     detail = ""
     if "output" in p:
         detail = _short(p["output"])
@@ -273,6 +275,8 @@ class Session:
         async def follow() -> None:
             if run_id is not None:
                 async for ev in self.client.run_events(run_id, timeout=seconds):
+                    if not isinstance(ev, dict):
+                        continue  # not an event (a foreign publisher): skipped
                     if keep(ev) or _final(ev):
                         return
                 return
@@ -432,8 +436,6 @@ async def connect(
 
 
 async def _connect(url: str) -> NATS:
-    from .._errors import ServerError
-
     async def quiet(e: Exception) -> None:  # nats-py logs a traceback by default
         return None
 
@@ -460,8 +462,6 @@ async def _connect(url: str) -> NATS:
 def _install_ipython_hooks(session: Session) -> None:
     """Inside IPython, make every cell await :meth:`Session.sync` (errors of a live
     registration show in the cell that made it). Does not import IPython otherwise."""
-    import sys
-
     if "IPython" not in sys.modules:
         return
     from ._magics import attach
@@ -469,17 +469,21 @@ def _install_ipython_hooks(session: Session) -> None:
     attach(session)
 
 
+def _payload(ev: dict[str, Any]) -> dict[str, Any]:
+    """An event's payload; anything but an object (from a foreign publisher) is empty."""
+    p = ev.get("payload")
+    return p if isinstance(p, dict) else {}
+
+
 def _final(ev: dict[str, Any]) -> bool:
     et = ev.get("type")
-    kind = (ev.get("payload") or {}).get("kind")
+    kind = _payload(ev).get("kind")
     return et in ("step.completed", "step.cancelled") or (
         et == "step.failed" and kind in ("non_retriable", "exhausted", "invalid_payload")
     )
 
 
 def _loads(data: bytes) -> dict[str, Any]:
-    import json
-
     v = json.loads(data)
     if not isinstance(v, dict):
         raise ValueError("not an object")
@@ -487,8 +491,6 @@ def _loads(data: bytes) -> dict[str, Any]:
 
 
 def _short(v: Any, width: int = 80) -> str:
-    import json
-
     try:
         s = json.dumps(v, separators=(",", ":"), default=str)
     except (TypeError, ValueError):
