@@ -148,11 +148,18 @@ class ConnOptions:
                 "pass the CA that signed it with --tls-ca"
             ) from None
         except ssl.SSLError as e:
+            if "CERTIFICATE_REQUIRED" in str(e.reason or e) and not self.tls_cert:
+                raise CLIError(
+                    f"the NATS server at {url} requires a client certificate (mutual TLS): "
+                    "pass --tls-cert and --tls-key"
+                ) from None
             raise CLIError(f"TLS handshake with {url} failed: {e.reason or e}") from None
         except OSError as e:
-            # asyncio's TLS transport reports a server hanging up mid-handshake as
-            # ConnectionResetError("Connection lost")
-            if isinstance(e, ConnectionResetError) or "connection lost" in str(e).lower():
+            # a server hanging up mid-handshake: asyncio's TLS transport says
+            # ConnectionResetError("Connection lost"), or BrokenPipeError when the hang-up
+            # races our first write
+            hung_up = isinstance(e, ConnectionResetError | BrokenPipeError)
+            if hung_up or "connection lost" in str(e).lower():
                 raise CLIError(self._closed_on_us()) from None
             raise CLIError(f"cannot connect to {url}: {e.strerror or e}") from None
         if long_running:
