@@ -509,6 +509,7 @@ class Worker:
         finally:
             if self._supervisor is not None:
                 await self._supervisor.stop()
+            await self.recorder.close()
             self._state = "stopped"
             self._stopped.set()
 

@@ -27,6 +27,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from .._errors import JSWorkerError
+from .._loop import LoopFactory
 from .._redact import redact_urls, split_url
 from ._output import CLIError, add_secret, err
 
@@ -336,11 +337,24 @@ class _QuietSSLEOF(logging.Filter):
 _asyncio_filter = _QuietSSLEOF()
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; library and NATS errors become one red line, exit 1."""
+def _background_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An exception no task retrieved (nats-py's own tasks, e.g. closing a connection
+    the server dropped, which uvloop reports where asyncio stays silent): one line on
+    stderr, the traceback only at DEBUG."""
+    exc = context.get("exception")
+    what = context.get("message") or "background error"
+    err(f"{what}: {type(exc).__name__}: {exc}" if exc is not None else what, style="dim")
+    logging.getLogger("jsworker.cli").debug("%s", what, exc_info=exc)
+
+
+def run(coro: Coroutine[Any, Any, T], *, loop_factory: LoopFactory | None = None) -> T:
+    """Run a command's coroutine (on ``loop_factory``'s loop, default asyncio's);
+    library and NATS errors become one red line, exit 1."""
     logging.getLogger("asyncio").addFilter(_asyncio_filter)  # idempotent
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.get_loop().set_exception_handler(_background_error)
+            return runner.run(coro)
     except JSWorkerError as e:
         violation = denied()
         if violation and "time" in str(e).lower():  # a library timeout caused by a denial

