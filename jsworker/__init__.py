@@ -44,6 +44,21 @@ from ._telemetry import Telemetry
 from ._version import __version__
 from ._worker import Worker
 
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext jsworker``: the ``%jsworker`` magics (imports IPython-facing code only
+    now, never at ``import jsworker``)."""
+    from .interactive._magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    from .interactive._magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
 __all__ = [
     "Client",
     "ConfigError",
@@ -89,6 +104,7 @@ __all__ = [
     "get_dead",
     "list_dead",
     "list_workers",
+    "load_ipython_extension",
     "purge_dead",
     "replay_dead",
     "setup_all",

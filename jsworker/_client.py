@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -20,6 +21,7 @@ from nats.js.kv import KeyValue
 from . import _names as n
 from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
+from ._pubacks import PubAck, shared_pubacks
 from ._services import CHUNK_SEQ, Services
 from ._sticky import bindings_kv, route, sticky_headers, validate_mode
 from ._telemetry import Telemetry, current_traceparent
@@ -166,6 +168,8 @@ class Client:
         self.nc = nc
         self.js = nc.jetstream()
         self.services = Services(nc)
+        #: pipelined JetStream publishes (one reply subscription per connection)
+        self.pubacks = shared_pubacks(nc)
         self.telemetry = telemetry or Telemetry()
         self._bindings: KeyValue | None = None
 
@@ -343,7 +347,7 @@ class Client:
         if stream:
             chunk_sub = await self.nc.subscribe(n.stream_subject(run_id, step_id))
         try:
-            ack = await self.js.publish(
+            ack = await self.pubacks.request(
                 subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0", **extra}
             )
         except BaseException as e:
@@ -370,19 +374,9 @@ class Client:
             chunk_sub,
         )
 
-    async def _publish(
-        self, subject: str, body: bytes, msg_id: str, extra: Mapping[str, str] | None = None
-    ) -> Any:
-        try:
-            return await self.js.publish(
-                subject, body, headers={"Nats-Msg-Id": msg_id, **(extra or {})}
-            )
-        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
-            raise NotProvisionedError(
-                f"no stream captures {subject}: run `jsworker kv setup` to create {n.TASK_STREAM}"
-            ) from None
-        except nats.errors.TimeoutError:
-            raise ServerError(f"publishing {subject} timed out") from None
+    async def _publish(self, subject: str, body: bytes, msg_id: str) -> PubAck:
+        headers = {"Nats-Msg-Id": msg_id}
+        return await _translate(subject, self.pubacks.request(subject, body, headers))
 
     async def cancel(self, run_id: str, reason: str = "") -> None:
         """Cancel every step of run ``run_id`` (needs KV ``signals``): queued tasks of the
@@ -420,27 +414,58 @@ class Client:
             for span in spans:
                 Telemetry.end_producer(span, error=e)
             raise
-        sem = asyncio.Semaphore(window)
+        # Pipelined: every publish goes out without waiting for the previous one's
+        # PubAck; at most ``window`` are unanswered at a time. Handles (and producer
+        # spans) are completed in order as the PubAcks come back.
+        pending: collections.deque[asyncio.Future[PubAck]] = collections.deque()
+        handles: list[TaskHandle] = []
+        ended = [0]  # producer spans ended so far (in order)
 
-        async def one(t: TaskRequest, b: tuple[str, bytes, str, str, str], span: Any) -> TaskHandle:
-            subject, body, run_id, step_id, task_id = b
+        # sticky tasks go to their run's worker (docs/sticky-assignment.md)
+        routes = [
+            await self._sticky_route(t.task_type, b[2], validate_mode(t.sticky), t.last_step, b[0])
+            for t, b, _ in built
+        ]
+
+        async def settle_oldest() -> None:
+            t, (_, _, run_id, step_id, task_id), span = built[len(handles)]
+            subject = routes[len(handles)][0]
             try:
-                async with sem:
-                    subject, extra = await self._sticky_route(
-                        t.task_type, run_id, validate_mode(t.sticky), t.last_step, subject
-                    )
-                    ack = await self._publish(subject, body, f"{run_id}.{step_id}.0", extra)
+                ack = await _translate(subject, pending.popleft())
             except BaseException as e:
+                ended[0] += 1
                 if span is not None:
                     Telemetry.end_producer(span, error=e)
                 raise
+            ended[0] += 1
             if span is not None:
                 Telemetry.end_producer(span, run_id=run_id, subject=subject)
-            return TaskHandle(
-                self, t.task_type, run_id, step_id, task_id, subject, bool(ack.duplicate), ack.seq
+            handles.append(
+                TaskHandle(
+                    self, t.task_type, run_id, step_id, task_id, subject, ack.duplicate, ack.seq
+                )
             )
 
-        return list(await asyncio.gather(*(one(t, b, span) for t, b, span in built)))
+        try:
+            for (_, (_, body, run_id, step_id, _), _), (subject, extra) in zip(
+                built, routes, strict=True
+            ):
+                if len(pending) >= window:
+                    await settle_oldest()
+                headers = {"Nats-Msg-Id": f"{run_id}.{step_id}.0", **extra}
+                pending.append(
+                    await _translate(subject, self.pubacks.publish(subject, body, headers))
+                )
+            while pending:
+                await settle_oldest()
+        except BaseException as e:
+            for fut in pending:  # nobody awaits these any more
+                fut.add_done_callback(_consume)
+            for _, _, span in built[ended[0] :]:
+                if span is not None:
+                    Telemetry.end_producer(span, error=e)
+            raise
+        return handles
 
     async def run_events(
         self, run_id: str, *, timeout: float | None = None
@@ -503,6 +528,27 @@ class Client:
     async def send_signal(self, run_id: str, name: str, data: object = None) -> int:
         """Send signal ``name`` to run ``run_id`` (KV ``signals``)."""
         return await self.services.send_signal(run_id, name, data)
+
+
+T = TypeVar("T")
+
+
+async def _translate(subject: str, aw: Awaitable[T]) -> T:
+    """A publish's errors as the client's: no stream -> NotProvisionedError, timeout ->
+    ServerError."""
+    try:
+        return await aw
+    except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+        raise NotProvisionedError(
+            f"no stream captures {subject}: run `jsworker kv setup` to create {n.TASK_STREAM}"
+        ) from None
+    except nats.errors.TimeoutError:
+        raise ServerError(f"publishing {subject} timed out") from None
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _outcome_of(ev: dict[str, Any], step_id: str) -> dict[str, Any] | None:

@@ -1,6 +1,13 @@
 """The worker directory: one entry per live worker in KV ``workers`` (TTL 60 s),
 refreshed every 30 s and deleted on stop. A worker that dies simply stops refreshing
-and its entry expires."""
+and its entry expires.
+
+Presence, separately from the entry: every worker answers requests on
+``jsworker.workers.{worker_id}.ping`` for as long as it runs. Asking costs no KV write,
+and the answer needs no clock: a reply means alive, the server's "no responders" means
+the worker's connection is gone (its process died or it is reconnecting), a timeout
+means it is stalled or cut off (then only the entry's age can tell). Partition members
+use it to find a dead member within seconds instead of one TTL (``_partitions``)."""
 
 from __future__ import annotations
 
@@ -13,8 +20,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from . import _names as n
@@ -27,6 +37,22 @@ from ._wire import dumps, now_rfc3339
 log = logging.getLogger("jsworker.directory")
 
 REFRESH_EVERY = 30.0
+
+
+def ping_subject(worker_id: str) -> str:
+    return f"jsworker.workers.{worker_id}.ping"
+
+
+async def probe(nc: NATS, worker_id: str, timeout: float = 1.0) -> str:
+    """``"alive"`` (it answered), ``"gone"`` (no responders: its connection is closed)
+    or ``"silent"`` (no answer in ``timeout``: stalled, or cut off from the server)."""
+    try:
+        await nc.request(ping_subject(worker_id), b"", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        return "gone"
+    except nats.errors.TimeoutError:
+        return "silent"
+    return "alive"
 
 
 class Directory:
@@ -45,6 +71,7 @@ class Directory:
         self.refresh_every = refresh_every
         self.kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ping: Subscription | None = None
 
     def entry(self) -> dict[str, Any]:
         base: dict[str, Any] = {
@@ -66,8 +93,16 @@ class Directory:
                 f"KV bucket {n.WORKERS_BUCKET!r} (the worker directory) does not exist: "
                 "run `jsworker kv setup` (or jsworker.setup_all(nc))"
             ) from None
+        # present before joining anything: a member that does not answer may be removed
+        self._ping = await self.nc.subscribe(ping_subject(self.worker_id), cb=self._pong)
+        await self.nc.flush(timeout=5)
         await self.refresh()
         self._task = self.spawn("directory", self._loop)
+
+    async def _pong(self, msg: Msg) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(self.worker_id.encode())
 
     async def refresh(self) -> None:
         assert self.kv is not None
@@ -84,6 +119,10 @@ class Directory:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        if self._ping is not None:
+            with contextlib.suppress(Exception):
+                await self._ping.unsubscribe()
+            self._ping = None
         if self.kv is not None:
             with contextlib.suppress(Exception):
                 await self.kv.delete(self.worker_id)

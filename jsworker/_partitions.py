@@ -11,11 +11,23 @@ For each partitioned task type (and worker group) there is an elastic consumer g
   policy ``pinned_client``, filtering that member's partitions.
 
 Unlike orbit.go, members come and go by themselves: a worker adds itself on start and
-removes itself on stop (compare-and-swap on the KV entry), and every member sweeps out
-``worker-…`` members whose directory entry lapsed (a worker killed with SIGKILL), then
-deletes the dead member's consumer so its partitions can be taken over. Members added by
-other tools (orbit.go, its ``cg`` CLI, ``jsworker partitions members add``) are never
-removed automatically.
+removes itself on stop (compare-and-swap on the KV entry, with jittered exponential
+backoff on conflicts), and dead ``worker-…`` members are swept out, then their consumers
+deleted so their partitions can be taken over. Every half second, the first
+``worker-…`` member in sorted order that answers its presence subject judges all
+members after it (one request each) and removes every dead one in one compare-and-swap,
+so a fleet losing several workers at once rebalances once; the others only ask the
+members before them, usually one request. A member is dead when
+
+* its connection is gone (the server answers its presence subject with "no responders",
+  see ``_directory.probe``) for ``GONE_GRACE`` seconds, longer than a reconnect; or it
+  does not answer and its directory entry is older than the liveness interval (a lost
+  machine); and, in both cases,
+* its consumer shows no activity (waiting pull requests, deliveries or acks) within that
+  window: the second check, so that a busy or stalled worker is never judged dead.
+
+Members added by other tools (orbit.go, its ``cg`` CLI, ``jsworker partitions members
+add``) are never removed automatically.
 
 Per-key order: a member runs the tasks of one partition one at a time, in stream order,
 and retries failures in place. When its partitions change it first stops pulling, hands
@@ -35,6 +47,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +59,7 @@ from nats.js.kv import KeyValue
 
 from . import _names as n
 from ._aio import cancel_and_wait
+from ._directory import probe
 from ._env import RuntimeEnv
 from ._errors import NotProvisionedError, ServerError
 from ._handler import HandlerRuntime, HandlerSpec
@@ -62,13 +76,25 @@ from ._pcg_config import (
     validate,
 )
 from ._pull import PullLoop
-from ._services import KV_DEL_OPS, kv_snapshot
+from ._services import KV_DEL_OPS
 
 log = logging.getLogger("jsworker.partitions")
 
 _ERR_NOT_UNIQUE = 10100
 _ERR_CONSUMER_EXISTS = 10148
 PIN_HEADER = "Nats-Pin-Id"
+
+#: a member whose connection is gone for this long (and whose consumer is idle) is dead;
+#: longer than a client's reconnect (nats-py waits 2 s before retrying a server)
+GONE_GRACE = 5.0
+#: how long a presence request waits for an answer before the member counts as silent
+PROBE_TIMEOUT = 1.0
+#: a round of the sweeper, at most (shorter when the liveness interval is)
+SWEEP_EVERY = 0.5
+#: a change of the group's config is acted on once no further change came for this long
+#: (at most ``SETTLE_MAX``): many members joining at once cause one rebalance, not many
+SETTLE = 0.2
+SETTLE_MAX = 1.0
 
 
 def partition_filter(task_type: str, group: str | None) -> str:
@@ -91,15 +117,33 @@ async def _kv(env: RuntimeEnv) -> KeyValue:
         ) from None
 
 
+@dataclass
+class CasStats:
+    """Compare-and-swap counters of one member: writes that landed, and conflicts (each
+    one a retry after a backoff)."""
+
+    writes: int = 0
+    conflicts: int = 0
+
+
+def cas_backoff(conflicts: int) -> float:
+    """Full-jitter exponential backoff after the n-th conflict in a row: uniform in
+    [0, min(1 s, 10 ms x 2^n)], so members that collided spread out instead of
+    colliding again in lock step."""
+    return random.uniform(0, min(1.0, 0.01 * 2 ** min(conflicts, 10)))
+
+
 async def cas_update(
     kv: KeyValue,
     key: str,
     mutate: Callable[[ElasticConfig], ElasticConfig | None],
     attempts: int = 100,
+    stats: CasStats | None = None,
 ) -> ElasticConfig:
-    """Read-modify-write the config with compare-and-swap; retried on conflicts so
-    several workers starting at once never lose each other's update."""
-    for _ in range(attempts):
+    """Read-modify-write the config with compare-and-swap; retried on conflicts (with
+    jittered exponential backoff) so several workers starting at once never lose each
+    other's update."""
+    for attempt in range(attempts):
         entry = await kv.get(key)
         cfg = ElasticConfig.from_json(entry.value or b"", entry.revision or 0)
         new = mutate(cfg)
@@ -107,9 +151,14 @@ async def cas_update(
             return cfg
         try:
             rev = await kv.update(key, new.to_json(), last=entry.revision)
-            return ElasticConfig.from_json(new.to_json(), rev)
         except nats.js.errors.KeyWrongLastSequenceError:
-            await asyncio.sleep(random.uniform(0.005, 0.05))
+            if stats is not None:
+                stats.conflicts += 1
+            await asyncio.sleep(cas_backoff(attempt))
+            continue
+        if stats is not None:
+            stats.writes += 1
+        return ElasticConfig.from_json(new.to_json(), rev)
     raise ServerError(f"could not update {key} after {attempts} compare-and-swap attempts")
 
 
@@ -137,6 +186,10 @@ class ElasticMember:
         #: our member consumer exists on the server (created and not yet deleted)
         self._have_consumer = False
         self.rebalances = 0
+        self.cas = CasStats()
+        #: members seen without a connection, since when (monotonic)
+        self._gone_since: dict[str, float] = {}
+        self._reconnects = 0
 
     @property
     def held_partitions(self) -> list[int]:
@@ -147,7 +200,10 @@ class ElasticMember:
         self.kv = await _kv(self.env)
         await self._ensure_config()
         await self._ensure_stream()
-        self.config = await cas_update(self.kv, self.key, lambda c: c.with_member(self.me))
+        self.config = await cas_update(
+            self.kv, self.key, lambda c: c.with_member(self.me), stats=self.cas
+        )
+        self._reconnects = self.env.nc.stats["reconnects"]
         spawn = self.env.supervisor.spawn
         self._tasks = [
             spawn(f"pcg-watch:{self.cg}", self._watch),
@@ -245,7 +301,9 @@ class ElasticMember:
                 if not cfg.is_member(self.me) and not cfg.member_mappings and not self._stopping:
                     # removed while alive (e.g. judged dead during a pause): join again
                     with contextlib.suppress(Exception):
-                        await cas_update(self.kv, self.key, lambda c: c.with_member(self.me))
+                        await cas_update(
+                            self.kv, self.key, lambda c: c.with_member(self.me), stats=self.cas
+                        )
                 self._changed.set()
         finally:
             with contextlib.suppress(Exception):
@@ -256,9 +314,14 @@ class ElasticMember:
         an API call fails, the loop is restarted and re-reads the wanted state, so one
         error never leaves the group without a consumer."""
         self._changed.set()  # (re)started: compare wanted and actual state afresh
+        first = True
         while not self._stopping:
             await self._changed.wait()
-            self._changed.clear()
+            if first:  # start-up acts at once; later changes may come in bursts
+                self._changed.clear()
+                first = False
+            else:
+                await self._settle()
             if self._stopping:
                 return
             desired = partition_filters(self.config, self.me) if self.config else []
@@ -274,7 +337,7 @@ class ElasticMember:
                 # the previous owner still holds some partition: try again shortly,
                 # unless the membership changed meanwhile
                 try:
-                    await asyncio.wait_for(self._changed.wait(), 0.1)
+                    await asyncio.wait_for(self._changed.wait(), random.uniform(0.05, 0.15))
                 except TimeoutError:
                     continue
                 desired = partition_filters(self.config, self.me) if self.config else []
@@ -282,6 +345,19 @@ class ElasticMember:
             self.filters = desired if self.loop is not None else []
             with contextlib.suppress(Exception):
                 await self.env.on_membership_change()
+
+    async def _settle(self) -> None:
+        """Wait until the config stopped changing for ``SETTLE`` (at most ``SETTLE_MAX``):
+        when dozens of members join at once, each acts on the final map once instead of
+        deleting and re-creating its consumer for every intermediate one."""
+        deadline = time.monotonic() + SETTLE_MAX
+        self._changed.clear()
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(SETTLE, left))
+            except TimeoutError:
+                return
+            self._changed.clear()
 
     # ------------------------------------------------------------ consumers
     async def _create_consumer(self, filters: list[str]) -> bool:
@@ -405,7 +481,7 @@ class ElasticMember:
 
     # ---------------------------------------------------------- liveness
     async def _sweeper(self) -> None:
-        every = max(0.2, self.env.liveness / 3)
+        every = min(SWEEP_EVERY, max(0.2, self.env.liveness / 3))
         while not self._stopping:
             await asyncio.sleep(every * random.uniform(0.8, 1.2))
             try:
@@ -415,29 +491,69 @@ class ElasticMember:
                 log.debug("sweep of %s failed: %s", self.key, e)
 
     async def sweep(self) -> set[str]:
-        """Remove ``worker-…`` members whose directory entry lapsed; return them."""
+        """One round of the sweep: the first member (in sorted order) that answers its
+        presence subject judges every member after it and removes the dead ones in one
+        compare-and-swap, then deletes their consumers; every other member only checks
+        that a member before it answers. Returns the members removed."""
         cfg = self.config
         if cfg is None or not cfg.members or self.kv is None:
             return set()
-        candidates = {m for m in cfg.members if m.startswith("worker-") and m != self.me}
-        if not candidates:
+        reconnects = self.env.nc.stats["reconnects"]
+        if reconnects != self._reconnects:
+            # our own connection was interrupted: what we saw as gone may be us
+            self._reconnects = reconnects
+            self._gone_since.clear()
             return set()
-        alive = await live_workers(self.env.js, self.env.liveness)
-        dead = {m for m in candidates - alive if not await self._consumer_active(m)}
+        if self.me not in cfg.members:
+            return set()
+        before, after = sweep_plan(cfg.members, self.me)
+        verdicts: dict[str, str] = {}
+        for m in before:
+            verdicts[m] = await self.judge(m)
+            if verdicts[m] == "alive":
+                return set()  # a live member before this one sweeps
+        judged = await asyncio.gather(*(self.judge(m) for m in after))
+        verdicts.update(zip(after, judged, strict=True))
+        for m in set(self._gone_since) - set(verdicts):
+            del self._gone_since[m]
+        dead = {m for m, v in verdicts.items() if v == "dead"}
         if not dead:
             return set()
         log.info("removing dead members %s from %s", sorted(dead), self.key)
-        self.config = await cas_update(self.kv, self.key, lambda c: c.without_members(dead))
+        self.config = await cas_update(
+            self.kv, self.key, lambda c: c.without_members(dead), stats=self.cas
+        )
         for m in dead:
+            self._gone_since.pop(m, None)
             await self._delete_consumer(m)
         return dead
 
-    async def _consumer_active(self, member: str) -> bool:
-        """A second opinion before removing a member whose directory entry is stale: its
-        consumer still has pull requests waiting, or delivered or was acked within the
-        liveness window. A busy or briefly stalled worker keeps its partitions; deleting
-        the consumer of a live member could let two members run one key at once. A dead
-        member's pull requests expire within a pull expiry (at most half its AckWait)."""
+    async def judge(self, member: str) -> str:
+        """``"alive"`` (it answered), ``"dead"`` (by both checks, see the module doc) or
+        ``"pending"`` (not answering, not yet judged dead)."""
+        state = await probe(self.env.nc, member, PROBE_TIMEOUT)
+        if state == "alive":
+            self._gone_since.pop(member, None)
+            return "alive"
+        if state == "gone":
+            grace = min(GONE_GRACE, self.env.liveness)
+            since = self._gone_since.setdefault(member, time.monotonic())
+            if time.monotonic() - since < grace:
+                return "pending"
+            window = grace
+        else:  # silent: stalled, or cut off; only its directory entry's age can tell
+            self._gone_since.pop(member, None)
+            if await directory_fresh(self.env.js, member, self.env.liveness):
+                return "pending"
+            window = self.env.liveness
+        return "pending" if await self._consumer_active(member, window) else "dead"
+
+    async def _consumer_active(self, member: str, window: float) -> bool:
+        """A second opinion before removing a member: its consumer still has pull
+        requests waiting, or delivered or was acked within ``window``. A busy or briefly
+        stalled worker keeps its partitions; deleting the consumer of a live member could
+        let two members run one key at once. The server drops a closed connection's pull
+        requests at once."""
         info = await self._api(f"CONSUMER.INFO.{self.stream}.{member}", None)
         if info.get("error"):
             return False  # no consumer: nothing to fence
@@ -451,7 +567,7 @@ class ElasticMember:
                     when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
                 except ValueError:
                     continue
-                if now - when <= self.env.liveness:
+                if now - when <= window:
                     return True
         return False
 
@@ -463,7 +579,9 @@ class ElasticMember:
         self._changed.set()
         if self.kv is not None:
             with contextlib.suppress(Exception):
-                await cas_update(self.kv, self.key, lambda c: c.without_members({self.me}))
+                await cas_update(
+                    self.kv, self.key, lambda c: c.without_members({self.me}), stats=self.cas
+                )
         if self.loop is not None:
             await self.loop.stop()
         self.rt.nak_waiting(self)
@@ -474,20 +592,27 @@ class ElasticMember:
         await self._drop_consumer(grace=0)
 
 
-async def live_workers(js: Any, liveness: float) -> set[str]:
-    """Ids of workers whose directory entry was refreshed within ``liveness`` seconds."""
+def sweep_plan(members: list[str] | tuple[str, ...], me: str) -> tuple[list[str], list[str]]:
+    """The ``worker-…`` members sorted before and after ``me`` (members added by other
+    tools are never judged). ``me`` sweeps when none of the first list answers."""
+    workers = sorted({m for m in members if m.startswith("worker-")} | {me})
+    i = workers.index(me)
+    return workers[:i], workers[i + 1 :]
+
+
+async def directory_fresh(js: Any, worker_id: str, liveness: float) -> bool:
+    """The worker's directory entry exists and was refreshed within ``liveness``
+    seconds; an entry of a format this code cannot read counts as fresh."""
     kv = await js.key_value(n.WORKERS_BUCKET)
-    now = time.time()
-    alive: set[str] = set()
-    for key, raw in (await kv_snapshot(kv)).items():
-        try:
-            seen = datetime.fromisoformat(json.loads(raw)["last_seen"]).timestamp()
-        except (ValueError, KeyError, TypeError):
-            alive.add(key)  # unknown format (another tool): treat as alive
-            continue
-        if now - seen <= liveness:
-            alive.add(key)
-    return alive
+    try:
+        entry = await kv.get(worker_id)
+    except nats.js.errors.KeyNotFoundError:  # also deleted or expired
+        return False
+    try:
+        seen = datetime.fromisoformat(json.loads(entry.value or b"")["last_seen"]).timestamp()
+    except (ValueError, KeyError, TypeError):
+        return True
+    return time.time() - seen <= liveness
 
 
 class PartitionedRuntime(HandlerRuntime):

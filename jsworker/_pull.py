@@ -34,6 +34,8 @@ log = logging.getLogger("jsworker.pull")
 STATUS = "Status"
 DESCRIPTION = "Description"
 PENDING_MSGS = "Nats-Pending-Messages"
+#: seconds between pull requests while the consumer has no leader (status 503)
+NO_RESPONDERS_PAUSE = 0.5
 
 
 class Slots:
@@ -146,6 +148,7 @@ class PullLoop:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
+        self._pause_until = 0.0
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 
     @property
@@ -198,15 +201,21 @@ class PullLoop:
         req = self._requests.pop(rid, None)
         if code == "408" and req is not None and req.remaining == req.batch:
             self.want = 1  # expired with nothing delivered: idle, park one credit only
-        if code in ("404", "408", "409", "423"):
-            # the request is over: give back what it did not deliver
-            pending = hdr.get(PENDING_MSGS)
-            if pending is not None and pending.isdigit():
-                undelivered = int(pending)
-            else:
-                undelivered = req.remaining if req is not None else 0
-            self._release(undelivered)
-            self._wake.set()
+        # Every status but 100 ends its request: give back what it did not deliver. Not
+        # only 404/408/409/423: a 503 (no responders: the consumer has no leader, as
+        # during a cluster failover) ends it too, and a request dropped without giving
+        # its credits back holds them for good; once it held all of them, the loop
+        # never pulled again and the worker sat idle with tasks pending.
+        pending = hdr.get(PENDING_MSGS)
+        if pending is not None and pending.isdigit():
+            undelivered = int(pending)
+        else:
+            undelivered = req.remaining if req is not None else 0
+        self._release(undelivered)
+        self._wake.set()
+        if code == "503":
+            # no consumer leader yet: pull again shortly, not in a tight loop
+            self._pause_until = time.monotonic() + NO_RESPONDERS_PAUSE
         if code not in ("404", "408") and self.on_status is not None:
             await self.on_status(code, hdr.get(DESCRIPTION, ""), msg)
 
@@ -215,6 +224,9 @@ class PullLoop:
         to the supervisor, which restarts this loop (requests lost on the way expire by
         their deadline and give their credits back)."""
         while not self._stopping:
+            pause = self._pause_until - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
             self._expire_lost()
             room = min(self.want, self.batch) - self.outstanding
             if room <= 0:

@@ -9,9 +9,10 @@ sticky step (docs/sticky-assignment.md, docs/wire.md "Sticky assignment").
 * Each worker consumes its own sticky subjects, ``sticky.*.{worker}.>``, with a consumer
   of its own (:class:`StickyRuntime`, one of the worker's runtimes), deleted on stop.
 * Every worker sweeps the other workers' sticky subjects (:meth:`StickyRuntime.sweep`):
-  a *soft* task whose worker is gone (no fresh directory entry, or no consumer) or has
-  not pulled it within ``soft_timeout`` is moved back to its home subject (the binding
-  moves when it starts elsewhere); a *hard* task waits, and once its worker has been
+  a *soft* task whose worker is gone (no sticky consumer; or a consumer with no
+  activity whose worker does not answer its presence subject and has no fresh
+  directory entry) or has not pulled it within ``soft_timeout`` is moved back to its
+  home subject (the binding moves when it starts elsewhere); a *hard* task waits, and once its worker has been
   gone for ``hard_timeout`` it is moved home marked ``Jsworker-Sticky-Failed``, which
   makes the worker that takes it record a terminal failure of kind
   ``sticky_worker_gone``: it is never dropped silently.
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import nats.js.errors
@@ -182,6 +185,27 @@ def home_subject(msg_subject: str, headers: dict[str, str] | None) -> str:
         # sticky.{type}.{worker}.{run}: without a usable header, the ungrouped subject
         return f"task.{parts[1]}.{parts[-1]}" if len(parts) >= 4 else msg_subject
     return home
+
+
+async def worker_answers(env: RuntimeEnv, worker_id: str) -> bool:
+    """Whether ``worker_id`` looks alive: it answers its presence subject
+    (``jsworker.workers.{id}.ping``), or it is silent (stalled, cut off) but its
+    directory entry was refreshed within the liveness interval. "No responders" (its
+    connection is closed) counts as not alive."""
+    from ._directory import probe
+
+    state = await probe(env.nc, worker_id, 1.0)
+    if state != "silent":
+        return state == "alive"
+    try:
+        kv = await env.js.key_value(n.WORKERS_BUCKET)
+        entry = await kv.get(worker_id)
+        seen = datetime.fromisoformat(json.loads(entry.value or b"")["last_seen"]).timestamp()
+    except nats.js.errors.NotFoundError:
+        return False
+    except (ValueError, KeyError, TypeError):
+        return True  # an entry this code cannot read: count it as there
+    return time.time() - seen <= env.liveness
 
 
 # ------------------------------------------------------------ the runtime
@@ -367,8 +391,6 @@ class StickyRuntime(HandlerRuntime):
         module docstring). Several workers sweep at once: a move is published with a
         dedup id derived from the sticky message's sequence, and the message is then
         deleted, so a task is moved once."""
-        from ._partitions import live_workers
-
         env = self.env
         js = env.js
         try:
@@ -385,11 +407,10 @@ class StickyRuntime(HandlerRuntime):
                 del self.gone_since[w]
         if not by_worker:
             return
-        alive = await live_workers(js, env.liveness)
         now = time.monotonic()
         for worker, subjs in by_worker.items():
-            delivered = await self._delivered_upto(worker)
-            gone = worker not in alive or delivered is None
+            delivered, active = await self._consumer_state(worker)
+            gone = delivered is None or (not active and not await worker_answers(env, worker))
             if gone:
                 since = self.gone_since.setdefault(worker, now)
             else:
@@ -398,14 +419,25 @@ class StickyRuntime(HandlerRuntime):
             for subj in subjs:
                 await self._sweep_subject(subj, gone, now - since, delivered or 0)
 
-    async def _delivered_upto(self, worker: str) -> int | None:
-        """The last stream sequence ``worker``'s sticky consumer delivered, or ``None``
-        when it has none."""
+    async def _consumer_state(self, worker: str) -> tuple[int | None, bool]:
+        """``worker``'s sticky consumer: the last stream sequence it delivered (``None``
+        when there is no such consumer), and whether it is active (pull requests
+        waiting, which the server drops at once when a connection closes, or a delivery
+        or ack within ``soft_timeout``). An active consumer's worker is never gone,
+        whether or not it answers its presence subject (another language's may not)."""
         try:
             ci = await self.env.js.consumer_info(n.STICKY_STREAM, sticky_consumer(worker))
         except nats.js.errors.NotFoundError:
-            return None
-        return ci.delivered.stream_seq if ci.delivered and ci.delivered.stream_seq else 0
+            return None, False
+        delivered = ci.delivered.stream_seq if ci.delivered and ci.delivered.stream_seq else 0
+        if ci.num_waiting:
+            return delivered, True
+        window = self.settings.soft_timeout
+        for seq in (ci.delivered, ci.ack_floor):
+            last = seq.last_active if seq is not None else None
+            if last is not None and time.time() - last.timestamp() < window:
+                return delivered, True
+        return delivered, False
 
     async def _sweep_subject(self, subj: str, gone: bool, gone_for: float, delivered: int) -> None:
         js = self.env.js

@@ -98,8 +98,11 @@ class Worker:
         pull_expires: how long one pull request waits on the server (default 5 s).
         worker_id: default ``worker-{16 hex}``.
         heartbeat_interval: how often the worker directory entry is refreshed (default
-            30 s). A partition member whose entry is older than 3x this (at most 60 s,
-            the bucket TTL) is considered dead and its partitions are moved.
+            30 s). It bounds failover only for a member that is stalled or cut off
+            without its connection closing (a lost machine): its partitions move once
+            its entry is older than 3x this (at most 60 s, the bucket TTL). A member
+            whose process died is found by its closed connection within about 7 s
+            whatever this is (see docs/partitions.md, "Failover").
         sticky_soft_timeout: a soft-sticky task that its bound worker has not pulled
             within this long, or whose worker is gone, runs on another worker (default
             10 s; docs/sticky-assignment.md).
@@ -167,14 +170,13 @@ class Worker:
         self.grace_period = seconds(grace_period, name="grace_period")
         self.batch = min(batch, concurrency)
         self.pull_expires = seconds(pull_expires, name="pull_expires", minimum=0.1, maximum=60)
-        self.worker_id = (
-            n.validate_token(worker_id, "worker id") if worker_id else n.new_worker_id()
-        )
+        self.worker_id = n.new_worker_id() if worker_id is None else n.validate_worker_id(worker_id)
         self.heartbeat_interval = seconds(
             heartbeat_interval, name="heartbeat_interval", minimum=0.05, maximum=30.0
         )
-        # a member whose directory entry was not refreshed for this long is dead; never
-        # more than the directory bucket's 60 s TTL, after which the entry is gone anyway
+        # a member that does not answer its presence subject and whose directory entry was
+        # not refreshed for this long is dead; never more than the directory bucket's 60 s
+        # TTL, after which the entry is gone anyway
         self.liveness = min(60.0, 3 * self.heartbeat_interval)
         self.sticky = StickySettings(
             seconds(sticky_soft_timeout, name="sticky_soft_timeout", minimum=0.1),
@@ -576,6 +578,7 @@ class Worker:
         finally:
             if self._supervisor is not None:
                 await self._supervisor.stop()
+            await self.recorder.close()
             self._state = "stopped"
             self._stopped.set()
 

@@ -2,7 +2,8 @@
 
 Handles ``TYPE`` with ``partitions=PARTITIONS`` (0 = singleton) and appends one JSON
 line per execution to LOG: {"k": key, "i": index, "w": worker id, "t0": start, "t1": end}.
-Prints ``READY <worker id>`` once started; SIGTERM stops it gracefully.
+Prints ``READY <worker id>`` once started; SIGTERM stops it gracefully. With
+``JSW_TEST_DEFAULTS=1`` the worker keeps the default heartbeat and lease (30 s each).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ async def main(log: TextIO) -> None:
     task_type, partitions = sys.argv[1], int(sys.argv[2])
     work = float(os.environ.get("JSW_TEST_WORK", "0.002"))
     nc = await nats.connect(os.environ["NATS_URL"])
-    worker = jsworker.Worker(
-        nc, partitions=max(partitions, 0), heartbeat_interval=1.0, ack_wait=2.0, grace_period=5
+    fast = (
+        {} if os.environ.get("JSW_TEST_DEFAULTS") else {"heartbeat_interval": 1.0, "ack_wait": 2.0}
     )
+    worker = jsworker.Worker(nc, partitions=max(partitions, 0), grace_period=5, **fast)
 
     async def handler(ctx: jsworker.TaskContext) -> object:
         t0 = time.time()

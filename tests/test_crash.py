@@ -190,9 +190,6 @@ async def _result_retrying(handle: jsworker.TaskHandle, deadline: float) -> obje
             await asyncio.sleep(0.2)
 
 
-# Timing-sensitive on a loaded 2-CPU machine (process kills, cluster elections): seen
-# failing about 1 run in 4 of the full suite, never alone. Retried, not skipped.
-@pytest.mark.flaky(reruns=2)
 async def test_cluster_replicated_worker_survives_node_loss(
     cluster: EmbeddedCluster, unique: Callable[[str], str]
 ) -> None:

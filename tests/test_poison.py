@@ -4,9 +4,9 @@ id, the other foreign-publisher findings, transient recording failures, corrupt 
 and checkpoints, and a property test publishing arbitrary bodies, subjects, headers and
 sizes straight to ``task.{type}.…`` while one worker runs.
 
-The size cases run on a server of their own with a 64 KiB ``max_payload`` (the rules
-are relative to it; the issue's "786 KB" is 3/4 of the default 1 MiB), so bodies stay
-small on a shared machine.
+All tests run on a server of their own with a 64 KiB ``max_payload`` (the rules are
+relative to it; the issue's "786 KB" is 3/4 of the default 1 MiB), so bodies stay small
+on a shared machine and the session's server is left alone.
 """
 
 from __future__ import annotations
@@ -62,6 +62,13 @@ async def snc(small_server: EmbeddedServer) -> AsyncIterator[NATS]:
     client = await nats.connect(small_server.url, allow_reconnect=False)
     yield client
     await client.close()
+
+
+@pytest.fixture
+async def nc(snc: NATS) -> NATS:
+    """Every test here uses the module's own server: the dozens of task types and
+    consumers these tests create stay out of the session's shared server."""
+    return snc
 
 
 # ------------------------------------------------------------------ helpers

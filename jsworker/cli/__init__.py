@@ -4,7 +4,7 @@
 * ``_output`` / ``_input``: rich and JSON output, JSON arguments;
 * ``_kv``, ``_serve`` (+ ``_importer``), ``_dev`` (+ ``_demo``), ``_task``,
   ``_signal``, ``_workers``, ``_partitions``, ``_dead``,
-  ``_queues``, ``_top``: the commands.
+  ``_queues``, ``_top``, ``_repl``, ``_kernel``: the commands.
 
 Errors the user can act on are one red line on stderr and exit code 1; usage errors
 exit 2. Signal handlers are installed only here (``serve``, ``dev``), never by the
@@ -19,9 +19,11 @@ from .._version import __version__
 from ._connect import ConnOptions, connection_options
 from ._dead import dead_group
 from ._dev import dev
+from ._kernel import kernel_group
 from ._kv import kv_group
 from ._partitions import partitions_group
 from ._queues import queues
+from ._repl import repl
 from ._serve import serve
 from ._signal import signal_group
 from ._task import task_group
@@ -44,6 +46,7 @@ def cli(
     ctx: click.Context,
     url: str,
     creds: str | None,
+    nkey: str | None,
     user: str | None,
     password: str | None,
     token: str | None,
@@ -69,6 +72,7 @@ def cli(
     ctx.obj = ConnOptions(
         url=url,
         creds=creds,
+        nkey=nkey,
         user=user,
         password=password,
         token=token,
@@ -90,6 +94,8 @@ for command in (
     dead_group,
     queues,
     top,
+    repl,
+    kernel_group,
 ):
     cli.add_command(command)
 

@@ -1,0 +1,398 @@
+"""What a person looks at: the worker, its handlers, each partitioned type's map
+(members -> partitions, from KV ``elastic-consumer-groups``, so every member of the
+cluster shows, not only this one) and the session's recent outcomes.
+
+A :class:`Snapshot` is read once (``await session.status()``) and renders as HTML in a
+notebook (``_repr_html_``) and as rich tables in the REPL (``__rich__``).
+:func:`live` keeps one notebook display updated in place while members join and leave.
+IPython is imported only inside :func:`live`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .._errors import JSWorkerError
+
+if TYPE_CHECKING:
+    from ._session import RecentOutcome, Session
+
+
+@dataclass(frozen=True)
+class GroupMap:
+    """One elastic group as all its members see it."""
+
+    task_type: str
+    group: str | None
+    max_partitions: int
+    members: dict[str, list[int]]  # member -> partitions it owns
+    unassigned: list[int]
+    not_consumed: list[int]
+    revision: int
+    me: str
+    error: str | None = None
+
+    def __repr__(self) -> str:
+        if self.error:
+            return f"map {self.task_type}: {self.error}"
+        return f"map {self.task_type}: {len(self.members)} members " + ", ".join(
+            f"{k}={_ranges(v)}" for k, v in sorted(self.members.items())
+        )
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        m = self
+        title = f"partition map {m.task_type}" + (f" group {m.group}" if m.group else "")
+        if m.error:
+            return f"<p><b>{e(title)}</b>: {e(m.error)}</p>"
+        rows: list[list[Any]] = [
+            [
+                (member + "  (this session)") if member == m.me else member,
+                len(parts),
+                _ranges(parts),
+            ]
+            for member, parts in sorted(m.members.items())
+        ]
+        if m.unassigned:
+            rows.append(["(unassigned)", len(m.unassigned), _ranges(m.unassigned)])
+        if m.not_consumed:  # assigned, but the member's consumer is not there (yet)
+            rows.append(
+                ["(assigned, not consumed yet)", len(m.not_consumed), _ranges(m.not_consumed)]
+            )
+        return _html_table(
+            f"{title}: {len(m.members)} members, {m.max_partitions} partitions, "
+            f"revision {m.revision}",
+            ["member", "count", "partitions"],
+            rows,
+            bar=[(member, len(parts)) for member, parts in sorted(m.members.items())],
+            total=m.max_partitions,
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    worker_id: str
+    url: str
+    group: str | None
+    state: str
+    in_flight: int
+    stats: dict[str, int]
+    handlers: list[dict[str, Any]]
+    maps: list[GroupMap]
+    recent: list[RecentOutcome]
+    taken_at: float = field(default_factory=time.time)
+
+    def __repr__(self) -> str:
+        lines = [
+            f"worker {self.worker_id} {self.state} on {self.url}"
+            + (f" group {self.group}" if self.group else "")
+            + f", in flight {self.in_flight}"
+        ]
+        for h in self.handlers:
+            lines.append(
+                f"  handler {h.get('task_type')} v{h.get('version')} ({_mode(h)}) held {_held(h)}"
+            )
+        lines.extend(f"  {m!r}" for m in self.maps)
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------- notebook
+    def _repr_html_(self) -> str:
+        e = html.escape
+        out = [
+            '<div class="jsworker-snapshot" style="font-family: sans-serif">',
+            f"<b>jsworker</b> worker <code>{e(self.worker_id)}</code> "
+            f"<span style='color:{'green' if self.state == 'running' else 'gray'}'>"
+            f"{e(self.state)}</span> on <code>{e(self.url)}</code>"
+            + (f" group <code>{e(self.group)}</code>" if self.group else "")
+            + f" &middot; in flight {self.in_flight} &middot; "
+            + ", ".join(f"{k} {v}" for k, v in self.stats.items() if v),
+            _html_table(
+                "handlers",
+                ["type", "function", "version", "partitions", "held", "in flight"],
+                [
+                    [
+                        h.get("task_type"),
+                        h.get("function"),
+                        h.get("version"),
+                        _mode(h),
+                        _held(h),
+                        h.get("in_flight"),
+                    ]
+                    for h in self.handlers
+                ]
+                or [["(none yet: define one with @session.handle)", "", "", "", "", ""]],
+            ),
+        ]
+        for m in self.maps:
+            out.append(m._repr_html_())
+        if self.recent:
+            out.append(
+                _html_table(
+                    f"recent outcomes (last {len(self.recent)})",
+                    ["type", "v", "key", "outcome", "detail", "ms"],
+                    [
+                        [
+                            r.task_type,
+                            r.version,
+                            r.key or "",
+                            r.kind,
+                            r.detail,
+                            f"{r.seconds * 1000:.1f}",
+                        ]
+                        for r in reversed(self.recent[-10:])
+                    ],
+                )
+            )
+        out.append("</div>")
+        return "\n".join(out)
+
+    # ------------------------------------------------------------------ REPL
+    def __rich__(self) -> RenderableType:
+        head = Text.assemble(
+            ("worker ", "bold"),
+            (self.worker_id, "cyan"),
+            f" {self.state} on {self.url}",
+            f" group {self.group}" if self.group else "",
+            f"  in flight {self.in_flight}  ",
+            ", ".join(f"{k} {v}" for k, v in self.stats.items() if v),
+        )
+        t = Table(title="handlers", title_justify="left")
+        for col in ("type", "function", "version", "partitions", "held", "in flight"):
+            t.add_column(col)
+        for h in self.handlers:
+            t.add_row(
+                Text(str(h.get("task_type"))),
+                Text(str(h.get("function"))),
+                str(h.get("version")),
+                _mode(h),
+                _held(h),
+                str(h.get("in_flight")),
+            )
+        parts: list[RenderableType] = [head, t]
+        for m in self.maps:
+            title = f"{m.task_type}" + (f" group {m.group}" if m.group else "")
+            if m.error:
+                parts.append(Text(f"{title}: {m.error}", style="yellow"))
+                continue
+            mt = Table(
+                title=f"partition map {title}: {len(m.members)} members, "
+                f"{m.max_partitions} partitions",
+                title_justify="left",
+            )
+            mt.add_column("member")
+            mt.add_column("count", justify="right")
+            mt.add_column("partitions")
+            for member, ps in sorted(m.members.items()):
+                mt.add_row(
+                    Text(member, style="bold green" if member == m.me else ""),
+                    str(len(ps)),
+                    _ranges(ps),
+                )
+            if m.unassigned:
+                mt.add_row(Text("(unassigned)", style="red"), str(len(m.unassigned)), "")
+            parts.append(mt)
+        if self.recent:
+            rt = Table(title="recent outcomes", title_justify="left")
+            for col in ("type", "v", "key", "outcome", "detail"):
+                rt.add_column(col)
+            for r in list(self.recent)[-5:]:
+                rt.add_row(
+                    Text(r.task_type),
+                    str(r.version),
+                    Text(r.key or ""),
+                    Text(r.kind, style="green" if r.kind == "complete" else "red"),
+                    Text(r.detail),
+                )
+            parts.append(rt)
+        return Group(*parts)
+
+
+async def take_snapshot(session: Session, types: Sequence[str] = ()) -> Snapshot:
+    """Read the worker (no I/O) and the group map (KV reads) of every partitioned
+    handler, and of ``types`` (partitioned types served by others) too."""
+    w = session.worker
+    handlers = w.handler_info() if not session.closed else []
+    wanted: list[tuple[str, str | None]] = []
+    for h in handlers:
+        if h.get("partitions") or h.get("singleton"):
+            wanted.extend((str(h["task_type"]), g) for g in h.get("groups") or [None])
+    for t in types:
+        for g in [session.group] if session.group else [None]:
+            if (t, g) not in wanted:
+                wanted.append((t, g))
+    maps = [await group_map(session, t, g) for t, g in wanted] if not session.closed else []
+    state = "closed" if session.closed else ("running" if w.running else "stopped")
+    return Snapshot(
+        worker_id=w.worker_id,
+        url=session.url,
+        group=session.group,
+        state=state,
+        in_flight=w.in_flight,
+        stats=w.stats.as_dict(),
+        handlers=handlers,
+        maps=maps,
+        recent=list(session.recent),
+    )
+
+
+async def group_map(session: Session, task_type: str, group: str | None) -> GroupMap:
+    me = session.worker.worker_id
+    try:
+        view = await session.partitions(task_type, group)
+    except JSWorkerError as e:
+        return GroupMap(task_type, group, 0, {}, [], [], 0, me, error=str(e))
+    members: dict[str, list[int]] = {m: [] for m in view["members"]}
+    for mm in view["member_mappings"]:
+        members.setdefault(mm["member"], [])
+    unassigned: list[int] = []
+    not_consumed: list[int] = []
+    for p in view["partitions"]:
+        if p["member"]:
+            members.setdefault(p["member"], []).append(p["partition"])
+            if not p["consuming"]:
+                not_consumed.append(p["partition"])
+        else:
+            unassigned.append(p["partition"])
+    return GroupMap(
+        task_type,
+        group,
+        int(view["max_members"]),
+        members,
+        unassigned,
+        not_consumed,
+        int(view["revision"] or 0),
+        me,
+    )
+
+
+def session_html(session: Session) -> str:
+    """What a bare ``session`` shows in a notebook: no I/O (``_repr_html_`` is
+    synchronous), so no partition maps; ``await session.status()`` has them."""
+    w = session.worker
+    snap = Snapshot(
+        worker_id=w.worker_id,
+        url=session.url,
+        group=session.group,
+        state="closed" if session.closed else ("running" if w.running else "stopped"),
+        in_flight=w.in_flight if not session.closed else 0,
+        stats=w.stats.as_dict(),
+        handlers=w.handler_info() if not session.closed else [],
+        maps=[],
+        recent=list(session.recent),
+    )
+    return snap._repr_html_()
+
+
+class LiveView:
+    """A notebook display kept current by a task on the kernel's loop (see :func:`live`)."""
+
+    def __init__(self, session: Session, every: float, types: Sequence[str] = ()) -> None:
+        self.session = session
+        self.every = every
+        self.types = tuple(types)
+        self.task: asyncio.Task[None] | None = None
+        self.updates = 0
+        self.error: str | None = None
+
+    async def _loop(self, handle: Any, last: str) -> None:
+        while not self.session.closed:
+            try:
+                snap = await take_snapshot(self.session, self.types)
+            except Exception as e:  # shown in the display, never lost in a log
+                self.error = f"{type(e).__name__}: {e}"
+                await asyncio.sleep(self.every)
+                continue
+            page = snap._repr_html_()
+            # timestamps aside, only a changed view is sent (keeps the notebook light)
+            if page != last:
+                handle.update(snap)
+                last = page
+                self.updates += 1
+            await asyncio.sleep(self.every)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def __repr__(self) -> str:
+        running = self.task is not None and not self.task.done() and not self.task.cancelling()
+        state = "running" if running else "stopped"
+        return f"<jsworker live view, {state}, {self.updates} updates>"
+
+
+async def live(session: Session, every: float = 1.0, types: Sequence[str] = ()) -> LiveView:
+    """Show the session's snapshot in this cell and keep it updated (every ``every``
+    seconds, only when it changed) while the kernel is idle or runs other cells.
+    ``types``: partitioned types to show the map of even when this session does not
+    handle them (yet). ``.stop()`` ends the updates; closing the session ends them."""
+    from IPython.display import display
+
+    view = LiveView(session, every, types)
+    first = await take_snapshot(session, view.types)
+    handle = display(first, display_id=True)  # type: ignore[no-untyped-call]
+    view.task = asyncio.get_running_loop().create_task(
+        view._loop(handle, first._repr_html_()), name="jsworker-live"
+    )
+    return view
+
+
+def _mode(h: dict[str, Any]) -> str:
+    if h.get("singleton"):
+        return "singleton"
+    p = h.get("partitions") or 0
+    return str(p) if p else "shared"
+
+
+def _held(h: dict[str, Any]) -> str:
+    held = h.get("held") or {}
+    return "; ".join(f"{_ranges(list(v))}" for v in held.values() if v) or "-"
+
+
+def _ranges(ps: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
+    ps = sorted(ps)
+    out: list[str] = []
+    i = 0
+    while i < len(ps):
+        j = i
+        while j + 1 < len(ps) and ps[j + 1] == ps[j] + 1:
+            j += 1
+        out.append(str(ps[i]) if i == j else f"{ps[i]}-{ps[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6"]
+
+
+def _html_table(
+    title: str,
+    cols: list[str],
+    rows: list[list[Any]],
+    *,
+    bar: list[tuple[str, int]] | None = None,
+    total: int = 0,
+) -> str:
+    e = html.escape
+    parts = [f"<p style='margin:6px 0 2px 0'><b>{e(title)}</b></p>"]
+    if bar and total:
+        segs = "".join(
+            f"<div title='{e(m)}: {c}' style='width:{100 * c / total:.2f}%;"
+            f"background:{_COLOURS[i % len(_COLOURS)]};height:10px'></div>"
+            for i, (m, c) in enumerate(bar)
+        )
+        parts.append(f"<div style='display:flex;width:320px;border:1px solid #ccc'>{segs}</div>")
+    parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
+    for r in rows:
+        parts.append("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r) + "</tr>")
+    parts.append("</table>")
+    return "".join(parts)

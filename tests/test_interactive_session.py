@@ -1,0 +1,114 @@
+"""The session API against the session's real server: option changes on a live
+handler, singletons, private groups, closing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+import jsworker
+from jsworker import EmbeddedServer
+from jsworker.interactive import Session, connect
+
+
+@pytest.fixture
+async def session(server: EmbeddedServer) -> AsyncIterator[Session]:
+    s = await connect(server.url, grace_period=2.0)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_partition_count_change_is_refused_with_the_fix(
+    session: Session, unique: Callable[[str], str]
+) -> None:
+    t = unique("pc")
+    session.handle(t, lambda ctx: 1, partitions=4)
+    await session.sync()
+    m = await session.partition_map(t)
+    assert m.members == {session.worker.worker_id: [0, 1, 2, 3]}
+    session.handle(t, lambda ctx: 2, partitions=2)
+    assert session.pending
+    with pytest.raises(jsworker.ConfigError, match="exists with 4 partitions") as e:
+        await session.sync()
+    assert "jsworker partitions delete" in str(e.value)
+    assert not session.pending
+    assert session.worker.task_types == []
+
+
+async def test_ack_wait_change_recreates_and_keeps_serving(
+    session: Session, unique: Callable[[str], str]
+) -> None:
+    t = unique("aw")
+    session.handle(t, lambda ctx: "a")
+    await session.sync()
+    session.handle(t, lambda ctx: "b", ack_wait=3)
+    await session.sync()
+    assert await session.submit(t, wait=True) == "b"
+    info = await session.nc.jetstream().consumer_info("TASK_QUEUES", t)
+    assert info.config.ack_wait == 3
+    assert [h["version"] for h in session.handlers()] == [2]
+
+
+async def test_singleton_and_recent_outcomes(
+    session: Session, unique: Callable[[str], str]
+) -> None:
+    t = unique("one")
+
+    @session.handle_singleton(t)
+    async def only(ctx: jsworker.TaskContext) -> str:
+        if ctx.json() == "bad":
+            raise ValueError("bad input")
+        return "ok"
+
+    await session.sync()
+    assert (await session.partition_map(t)).max_partitions == 1
+    assert await session.submit(t, "fine", wait=True) == "ok"
+    h = await session.submit(t, "bad")
+    events = await session.tail(h, seconds=20, count=2, echo=None)
+    assert [e["type"] for e in events] == ["step.started", "step.failed"]
+    kinds = [(r.kind, r.detail) for r in session.recent if r.task_type == t]
+    assert kinds[:2] == [("complete", '"ok"'), ("ValueError", "bad input")]
+    snap = await session.status()
+    assert f"map {t}: 1 members" in repr(snap)
+    await session.remove(t)
+    with pytest.raises(jsworker.ConfigError, match="no handler"):
+        await session.remove(t)
+
+
+async def test_private_group_and_close(
+    server: EmbeddedServer, unique: Callable[[str], str]
+) -> None:
+    t = unique("grp")
+    s = await connect(server.url, group="dev-test")
+    s.handle(t, lambda ctx: ctx.info.group)
+    await s.sync()
+    h = await s.submit(t)
+    assert h.subject.startswith(f"task.{t}.dev-test.")
+    assert await h.result(timeout=20) == "dev-test"
+    await s.close()
+    await s.close()  # idempotent
+    assert s.closed and not s.worker.running
+    with pytest.raises(jsworker.LifecycleError, match="closed"):
+        s.handle(t, lambda ctx: 1)
+    assert "closed" in repr(s)
+
+
+async def test_tail_trusts_nothing_from_the_wire(
+    session: Session, unique: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jsworker.interactive._session import print_event
+
+    run = unique("run")
+    js = session.nc.jetstream()
+    await js.publish(f"history.{run}", b"[1, 2]")
+    await js.publish(f"history.{run}", b"not json")
+    await js.publish(f"history.{run}", b'{"type": "step.completed", "payload": "odd"}')
+    events = await session.tail(run, seconds=5)
+    assert events == [{"type": "step.completed", "payload": "odd"}]
+    out = capsys.readouterr().out
+    assert "step.completed" in out
+    print_event({"payload": ["x"], "type": 3})  # odd shapes print, never raise
+    assert "3" in capsys.readouterr().out
