@@ -12,10 +12,10 @@ sticky step (docs/sticky-assignment.md, docs/wire.md "Sticky assignment").
   a *soft* task whose worker is gone (no sticky consumer; or a consumer with no
   activity whose worker does not answer its presence subject and has no fresh
   directory entry) or has not pulled it within ``soft_timeout`` is moved back to its
-  home subject (the binding moves when it starts elsewhere); a *hard* task waits, and once its worker has been
-  gone for ``hard_timeout`` it is moved home marked ``Jsworker-Sticky-Failed``, which
-  makes the worker that takes it record a terminal failure of kind
-  ``sticky_worker_gone``: it is never dropped silently.
+  home subject (the binding moves when it starts elsewhere); a *hard* task waits, and
+  once its worker has been gone for ``hard_timeout`` it is moved home marked
+  ``Jsworker-Sticky-Failed``, which makes the worker that takes it record a terminal
+  failure of kind ``sticky_worker_gone``: it is never dropped silently.
 * The binding is removed when the run ends: a terminal outcome of a step submitted with
   ``last_step=True``, or any terminal failure or cancellation of a sticky step.
 """
