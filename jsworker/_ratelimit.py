@@ -34,6 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -430,3 +431,17 @@ async def reset_buckets(js: JetStreamContext, task_type: str, key: str | None = 
         await kv.purge(name)
         deleted += 1
     return deleted
+
+
+async def list_rate_limits(nc: NATS, task_type: str) -> list[dict[str, Any]]:
+    """The rate-limit buckets of ``task_type`` (see :func:`list_buckets`): ``key``
+    (``None`` for the global bucket), ``tokens`` now, ``limit``, ``per`` (seconds).
+    Raises ``InvalidNameError`` for a bad type, ``NotProvisionedError`` without KV
+    ``rate_limits``."""
+    return await list_buckets(nc.jetstream(), task_type)
+
+
+async def reset_rate_limits(nc: NATS, task_type: str, key: str | None = None) -> int:
+    """Reset (delete) the buckets of ``task_type``, or only ``key``'s (``"_global"``: the
+    global one); the next task finds a full bucket. Returns how many were reset."""
+    return await reset_buckets(nc.jetstream(), task_type, key)
