@@ -52,7 +52,7 @@ CAS_RETRIES = 16
 #: a process takes at most this many seconds' worth of tokens in one KV round trip
 BATCH_WINDOW = 0.01
 #: tokens of a batch not spent within this many seconds lapse (are never used)
-BATCH_TTL = 0.1
+BATCH_TTL = 1.0
 #: waits up to this long are held (lease renewed), longer ones are nak'ed (default)
 DEFAULT_HOLD = 2.0
 _PLAIN_KEY = re.compile(r"^[-=a-zA-Z0-9][-_=a-zA-Z0-9]{0,127}$")
@@ -264,6 +264,9 @@ class Limiter:
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = _Gate(key)
+        if gate.local > 0 and not gate.waiters and time.monotonic() < gate.local_until:
+            gate.local -= 1  # the common case under a generous limit: no await at all
+            return 0.0
         interval = 1.0 / rl.rate
         if can_defer and gate.waiters:
             # tasks queued ahead of this one in this process: estimate its turn
