@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from nats.aio.client import Client as NATS
 from test_partitions import group_config, read_log, spawn, wait_until
 
 import jsworker
-from jsworker._directory import probe
+from jsworker._directory import ping_subject, probe
 from jsworker._partitions import ElasticMember, cas_backoff, sweep_plan
 from jsworker._pcg_config import ElasticConfig, assignment, partition_filters
 
@@ -283,6 +284,40 @@ async def test_probe_tells_alive_gone_and_silent(server_env: dict[str, str]) -> 
             assert await probe(asker, f"{w.worker_id}-stalled", timeout=0.3) == "silent"
             await sub.unsubscribe()
         assert await probe(asker, w.worker_id) == "gone"  # stopped: no subscriber left
+    finally:
+        await target.close()
+        await asker.close()
+
+
+async def test_probe_across_a_cluster(cluster: jsworker.EmbeddedCluster) -> None:
+    """Presence works between servers: interest travels over routes, and so does its
+    removal when a worker's connection closes."""
+    asker = await nats.connect(cluster.urls[0], allow_reconnect=False)
+    target = await nats.connect(cluster.urls[1], allow_reconnect=False)
+    wid = f"worker-{secrets.token_hex(8)}"
+    try:
+        # what Directory.start() subscribes (the cluster is not provisioned for a Worker)
+        async def pong(msg: Any) -> None:
+            await msg.respond(wid.encode())
+
+        await target.subscribe(ping_subject(wid), cb=pong)
+        await target.flush()
+        states: list[str] = []
+
+        async def answered() -> bool:
+            states.append(await probe(asker, wid))
+            return states[-1] == "alive"
+
+        await wait_until(answered, 10, "an answer across the route")
+        await target.close()
+
+        async def gone() -> bool:
+            states.append(await probe(asker, wid))
+            return states[-1] == "gone"
+
+        # (until the route has carried the unsubscribe, a request may go unanswered:
+        # "silent", which never removes a member by itself)
+        await wait_until(gone, 10, "no responders across the route")
     finally:
         await target.close()
         await asker.close()
