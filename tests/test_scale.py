@@ -175,6 +175,42 @@ async def test_a_stalled_worker_is_not_judged_dead(
             assert b["t0"] >= a["t1"] - 0.001, f"key {k}: overlapping executions {a} {b}"
 
 
+async def test_a_cut_off_worker_is_removed_once_its_entry_is_stale_and_rejoins(
+    nc: NATS, unique: Callable[[str], str], server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker that neither answers nor closes its connection (as a lost machine looks,
+    here frozen with SIGSTOP; heartbeat 1 s, so liveness 3 s) is removed once its
+    directory entry is stale and its consumer idle; resumed, it joins again."""
+    ttype = unique("cut")
+    log = tmp_path / "exec.jsonl"
+    procs = dict(
+        [(wid, p) for p, wid in [await spawn(ttype, 4, log, server_env) for _ in range(2)]]
+    )
+    frozen = sorted(procs)[1]
+    try:
+        await wait_until(lambda: _members_are(nc, ttype, set(procs)), 20, "both members")
+        procs[frozen].send_signal(signal.SIGSTOP)
+        others = set(procs) - {frozen}
+        await wait_until(lambda: _members_are(nc, ttype, others), 30, "the frozen one removed")
+        procs[frozen].send_signal(signal.SIGCONT)
+        await wait_until(lambda: _members_are(nc, ttype, set(procs)), 30, "it to rejoin")
+        handles = await jsworker.Client(nc).submit_many(
+            [jsworker.TaskRequest(ttype, {"k": f"k{i}", "i": i}, key=f"k{i}") for i in range(20)]
+        )
+        for h in handles:
+            await h.result(timeout=30)
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            await p.wait()
+
+
+async def _members_are(nc: NATS, ttype: str, ids: set[str]) -> bool:
+    return set((await group_config(nc, ttype)).members or ()) == ids
+
+
 async def _ran_on(log: Path, worker: str) -> bool:
     return any(e["w"] == worker for e in read_log(log))
 
