@@ -139,9 +139,7 @@ class Worker:
         self.grace_period = seconds(grace_period, name="grace_period")
         self.batch = min(batch, concurrency)
         self.pull_expires = seconds(pull_expires, name="pull_expires", minimum=0.1, maximum=60)
-        self.worker_id = (
-            n.validate_token(worker_id, "worker id") if worker_id else n.new_worker_id()
-        )
+        self.worker_id = n.new_worker_id() if worker_id is None else n.validate_worker_id(worker_id)
         self.heartbeat_interval = seconds(
             heartbeat_interval, name="heartbeat_interval", minimum=0.05, maximum=30.0
         )

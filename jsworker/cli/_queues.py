@@ -319,4 +319,5 @@ def queues(conn: ConnOptions, as_json: bool) -> None:
         print_json([r.as_dict() for r in rows])
         return
     took = time.monotonic() - started
-    console.print(render(rows, f"{len(rows)} queue(s) on {conn.url}  ({took * 1000:.0f} ms)"))
+    title = f"{len(rows)} queue(s) on {conn.display_url}  ({took * 1000:.0f} ms)"
+    console.print(render(rows, title))

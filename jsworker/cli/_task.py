@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from typing import Any
@@ -22,7 +21,7 @@ from .._services import CHUNK_SEQ
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
 from ._input import parse_metadata, read_json_arg
 from ._otel import otel_console_option, otel_session
-from ._output import compact, console, err, event_text, print_json
+from ._output import compact, console, err, event_text, print_json, print_json_line, safe
 
 #: tasks per ``submit_many`` call of ``submit --count``
 SUBMIT_CHUNK = 10_000
@@ -133,13 +132,14 @@ def submit(
         print_json(out)
     else:
         line = Text(f"submitted {task_type} run ")
-        line.append(out["run_id"], style="bold cyan")
+        line.append(safe(out["run_id"]), style="bold cyan")
         if out["duplicate"]:
             line.append(" (duplicate: this run and step were already submitted)", style="yellow")
         console.print(line, soft_wrap=True)
         if wait and out["status"] == "completed":
-            console.print(Text.assemble(("completed: ", "green"), compact(out["output"])))
+            console.print(Text.assemble(("completed: ", "green"), safe(compact(out["output"]))))
     if wait and out["status"] != "completed":
+        # kind and error come from the worker that failed the task: err() escapes them
         kind = f" ({out['kind']})" if "kind" in out else ""
         err(f"Error: task {out['status']}{kind}: {out['error']}")
         sys.exit(1)
@@ -216,7 +216,7 @@ def events(conn: ConnOptions, run_id: str, follow: bool, as_json: bool) -> None:
         async for ev in Client(nc).run_events(run_id, timeout=None if follow else 0.5):
             count += 1
             if as_json:
-                click.echo(json.dumps(ev))
+                print_json_line(ev)
             else:
                 console.print(event_text(ev), soft_wrap=True)
         return count
@@ -266,15 +266,20 @@ def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
                     if isinstance(item, BaseException):
                         raise item
                     if isinstance(item, Msg):
+                        # the subject, header and data are written by the worker
                         step = item.subject.split(".", 2)[2]
                         seq = (item.headers or {}).get(CHUNK_SEQ, "")
-                        line = Text(f"{step} #{seq} ", style="dim")
-                        line.append(item.data.decode(errors="replace"), style="")
+                        line = Text(f"{safe(step)} #{safe(seq)} ", style="dim")
+                        line.append(safe(item.data.decode(errors="replace")), style="")
                         console.print(line, soft_wrap=True)
                         continue
                     console.print(event_text(item), soft_wrap=True)
+                    if not isinstance(item, dict):
+                        continue
                     et = item.get("type")
-                    kind = (item.get("payload") or {}).get("kind")
+                    payload = item.get("payload")
+                    kind = payload.get("kind") if isinstance(payload, dict) else None
+                    kind = kind if isinstance(kind, str) else None  # unhashable from the wire
                     if et == w.STEP_COMPLETED:
                         return True
                     if et == w.STEP_CANCELLED or (

@@ -475,7 +475,7 @@ async def _top(
             if as_json:
                 print_json(snap.as_dict())
             else:
-                console.print(render(snap, conn.url))
+                console.print(render(snap, conn.display_url))
             return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -501,7 +501,7 @@ async def _top(
                         # restarting; say what is wrong in the header
                         problem = str(e) or type(e).__name__
                     if last is not None:
-                        live.update(render(last, conn.url, problem), refresh=True)
+                        live.update(render(last, conn.display_url, problem), refresh=True)
                     elif problem:
                         live.update(Text(f"jsworker top: {problem}", style="red"), refresh=True)
                     with contextlib.suppress(TimeoutError):
