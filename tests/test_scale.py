@@ -306,12 +306,19 @@ async def _consumers(js: Any, stream: str) -> Any:
         yield ci.name, list(ci.config.filter_subjects or [])
 
 
-async def test_probe_tells_alive_gone_and_silent(server_env: dict[str, str]) -> None:
+async def test_probe_tells_alive_gone_and_silent(
+    server_env: dict[str, str], unique: Callable[[str], str]
+) -> None:
     url = server_env["NATS_URL"]
     asker = await nats.connect(url, allow_reconnect=False)
     target = await nats.connect(url, allow_reconnect=False)
     try:
+        plain = jsworker.Worker(target)
+        plain.handle(unique("plain"), lambda ctx: None)
+        async with plain:  # no partitioned handler: no presence subject, no permission needed
+            assert await probe(asker, plain.worker_id) == "gone"
         w = jsworker.Worker(target)
+        w.handle(unique("member"), lambda ctx: None, partitions=2)
         async with w:
             assert await probe(asker, w.worker_id) == "alive"
             # a stalled worker: subscribed, never answering
@@ -323,6 +330,39 @@ async def test_probe_tells_alive_gone_and_silent(server_env: dict[str, str]) -> 
     finally:
         await target.close()
         await asker.close()
+
+
+async def test_a_member_refused_its_presence_subject_does_not_start(
+    unique: Callable[[str], str],
+) -> None:
+    conf = """
+authorization {
+  users: [
+    { user: admin, password: admin-pw }
+    { user: nopresence, password: pw, permissions: { subscribe: { deny: ["jsworker.workers.>"] } } }
+  ]
+}
+"""
+    async with jsworker.EmbeddedServer(extra_config=conf) as srv:
+        admin = await nats.connect(srv.url, user="admin", password="admin-pw")
+        nc = await nats.connect(srv.url, user="nopresence", password="pw", error_cb=_ignore)
+        try:
+            await jsworker.setup_all(admin)
+            plain = jsworker.Worker(nc)
+            plain.handle(unique("plain"), lambda ctx: None)
+            async with plain:  # unpartitioned handlers never need it
+                pass
+            w = jsworker.Worker(nc)
+            w.handle(unique("member"), lambda ctx: None, partitions=2)
+            with pytest.raises(jsworker.ServerError, match=r"jsworker\.workers\.\*\.ping"):
+                await w.start()
+        finally:
+            await nc.close()
+            await admin.close()
+
+
+async def _ignore(e: Exception) -> None:
+    pass
 
 
 async def test_probe_across_a_cluster(cluster: jsworker.EmbeddedCluster) -> None:
