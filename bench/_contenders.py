@@ -1,12 +1,20 @@
 """jsworker and raw nats-py contenders for bench/suite.py (same CLI as bench/peers/*).
 
-    python _contenders.py jsworker|raw URL produce N ID [PAYLOAD_BYTES]
-    python _contenders.py jsworker|raw URL rate RATE SECS ID
-    python _contenders.py jsworker|raw URL consume CONC ID [PARTITIONS]
+    python _contenders.py jsworker|raw|raw-naive URL produce N ID [PAYLOAD_BYTES]
+    python _contenders.py jsworker|raw|raw-naive URL rate RATE SECS ID
+    python _contenders.py jsworker|raw|raw-naive URL consume CONC ID [PARTITIONS]
 
-Task type ``{kind}{ID}``; both consume from TASK_QUEUES and, per task, JetStream-publish
-one completion event to ``history.{run_id}`` awaiting the PubAck, then ack (jsworker does
-this itself; raw does it by hand, batch by batch, concurrently within a batch).
+Task type ``{kind}{ID}``; all consume from TASK_QUEUES and, per task, store one
+completion event on ``history.{run_id}`` (JetStream, PubAck received) before the ack:
+
+* jsworker does this itself (``JSB_LOOP=uvloop`` runs it on uvloop);
+* raw is the strongest hand-written loop: fetch 256, ``publish_async`` one event per
+  message (PubAcks on one shared inbox), gather the batch's PubAcks, then ack each;
+* raw-naive awaits one ``js.publish`` per message inside a gather of the batch.
+
+A consumer prints ``READY pid``, waits for a line on stdin, and prints ``FIRST <time>``
+(``time.time()``) at its first handler call: the suite times a drain from there to the
+consumer's ack floor reaching the last task.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import nats
 import nats.errors
@@ -26,7 +35,14 @@ import jsworker
 
 KIND, URL, MODE, ARG = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 ID = sys.argv[6] if MODE == "rate" else sys.argv[5]
-TTYPE = f"{KIND}{ID}"
+TTYPE = f"{KIND.replace('-', '')}{ID}"
+_first: list[float] = []
+
+
+def first_call() -> None:
+    if not _first:
+        _first.append(time.time())
+        print("FIRST", _first[0], flush=True)
 
 
 async def produce() -> None:
@@ -60,8 +76,11 @@ async def consume_jsworker(conc: int, partitions: int) -> None:
 
     @w.handle(TTYPE)
     async def noop(ctx: jsworker.TaskContext) -> object:
+        first_call()
         data = ctx.json()
-        return {"t": data["t"]} if isinstance(data, dict) and "t" in data else None
+        return (
+            {"t": data["t"], "h": time.time()} if isinstance(data, dict) and "t" in data else None
+        )
 
     print("READY", os.getpid(), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -69,34 +88,63 @@ async def consume_jsworker(conc: int, partitions: int) -> None:
     await asyncio.Event().wait()
 
 
-async def consume_raw(conc: int) -> None:
-    nc = await nats.connect(URL)
-    js = nc.jetstream()
-    print("READY", os.getpid(), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    psub = await js.pull_subscribe(
+async def _raw_consumer(js: Any) -> Any:
+    return await js.pull_subscribe(
         f"task.{TTYPE}.>",
         durable=TTYPE,
         stream="TASK_QUEUES",
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
     )
 
+
+def _event(m: Msg) -> tuple[str, bytes, dict[str, str]]:
+    task = json.loads(m.data)
+    inp = task.get("input") or {}
+    ev = json.dumps(
+        {
+            "type": "step.completed",
+            "run_id": task["run_id"],
+            "step_id": task["step_id"],
+            "payload": {"output": {"t": inp["t"], "h": time.time()} if "t" in inp else None},
+        }
+    ).encode()
+    headers = {"Nats-Msg-Id": f"{task['run_id']}.{task['step_id']}.c"}
+    return f"history.{task['run_id']}", ev, headers
+
+
+async def consume_raw(conc: int) -> None:
+    """fetch, publish_async every event, gather the PubAcks, ack every message."""
+    nc = await nats.connect(URL)
+    js = nc.jetstream()
+    print("READY", os.getpid(), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    psub = await _raw_consumer(js)
+    while True:
+        try:
+            msgs = await psub.fetch(conc, timeout=1.0)
+        except nats.errors.TimeoutError:
+            continue
+        first_call()
+        acks = []
+        for m in msgs:
+            subject, ev, headers = _event(m)
+            acks.append(await js.publish_async(subject, ev, headers=headers))
+        await asyncio.gather(*acks)
+        for m in msgs:
+            await m.ack()
+
+
+async def consume_raw_naive(conc: int) -> None:
+    """fetch; per message, concurrently: js.publish (await the PubAck), then ack."""
+    nc = await nats.connect(URL)
+    js = nc.jetstream()
+    print("READY", os.getpid(), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    psub = await _raw_consumer(js)
+
     async def one(m: Msg) -> None:
-        task = json.loads(m.data)
-        inp = task.get("input") or {}
-        ev = json.dumps(
-            {
-                "type": "step.completed",
-                "run_id": task["run_id"],
-                "step_id": task["step_id"],
-                "payload": {"output": {"t": inp["t"]} if "t" in inp else None},
-            }
-        ).encode()
-        await js.publish(
-            f"history.{task['run_id']}",
-            ev,
-            headers={"Nats-Msg-Id": f"{task['run_id']}.{task['step_id']}.c"},
-        )
+        subject, ev, headers = _event(m)
+        await js.publish(subject, ev, headers=headers)
         await m.ack()
 
     while True:
@@ -104,13 +152,25 @@ async def consume_raw(conc: int) -> None:
             msgs = await psub.fetch(conc, timeout=1.0)
         except nats.errors.TimeoutError:
             continue
+        first_call()
         await asyncio.gather(*(one(m) for m in msgs))
+
+
+def _run(coro: Any) -> None:
+    if os.environ.get("JSB_LOOP") == "uvloop":
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
 
 
 if __name__ == "__main__":
     if MODE in ("produce", "rate"):
-        asyncio.run(produce())
+        _run(produce())
     elif KIND == "jsworker":
-        asyncio.run(consume_jsworker(int(ARG), int(sys.argv[6]) if len(sys.argv) > 6 else 0))
+        _run(consume_jsworker(int(ARG), int(sys.argv[6]) if len(sys.argv) > 6 else 0))
+    elif KIND == "raw-naive":
+        _run(consume_raw_naive(int(ARG)))
     else:
-        asyncio.run(consume_raw(int(ARG)))
+        _run(consume_raw(int(ARG)))

@@ -2,16 +2,30 @@
 
     python bench/suite.py [--tasks 20000] [--rounds 3] [--skip-peers] [--quick] [--json]
 
-Contenders, each a separate process doing the same wire work per task (pull, publish one
-completion event to ``history.{run}`` with JetStream, awaiting its PubAck, ack):
-jsworker, raw nats-py, taskiq + taskiq-nats, FastStream's JetStream pull subscriber.
-taskiq and FastStream run in their own virtualenvs under a temp dir (pinned versions),
-so nothing leaks into jsworker's environment.
+Contenders, each a separate process. All but nats-py-worker do the same wire work per
+task (pull, store one completion event on ``history.{run}`` with JetStream, PubAck
+received, then ack):
 
-Measured: drain throughput (N pre-published no-op tasks, median of ``--rounds``);
-latency submit -> completion event at a fixed rate (p50/p99); jsworker scale (1, 2, 4
-processes; 8 partitions on 2; payloads 64 B / 4 KiB / 64 KiB); jsworker peak RSS over
-100,000 tasks (RSS after 10k vs after 100k).
+* jsworker (asyncio) and jsworker-uvloop (the same on uvloop);
+* raw: the strongest hand-written nats-py loop (fetch 256, ``publish_async`` every
+  event, gather the PubAcks, ack each); raw-naive: one awaited ``js.publish`` per task
+  in a gather of the batch;
+* taskiq + taskiq-nats and FastStream's JetStream pull subscriber, tuned (batch 256,
+  concurrency 256) and with their libraries' defaults (``-defaults``);
+* nats-py-worker (PyPI ``nats-py-worker``, batch 256): no completion events, only the
+  ack; compare it with jsworker knowing jsworker stores two events per task.
+
+taskiq, FastStream and nats-py-worker run in their own virtualenvs under a temp dir
+(pinned versions), so nothing leaks into jsworker's environment.
+
+Measured: drain throughput (N pre-published no-op tasks, median and spread of
+``--rounds``), timed from the first handler call (the contender prints it) to the
+consumer's ack floor reaching the last task with nothing pending; latency at a fixed
+rate (p50/p99 submit -> handler call and submit -> completion event seen); submit
+throughput (``Client.submit_many`` vs raw ``publish_async``, bench/submit.py); jsworker
+scale (1, 2, 4 processes; 8 partitions on 2; payloads 64 B / 4 KiB / 64 KiB); jsworker
+RSS over 100,000 tasks (after 10k vs after 100k). The ratios of docs/performance.md's
+targets are computed at the end.
 """
 
 from __future__ import annotations
@@ -28,12 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nats
 import nats.js.errors
+import submit as submit_bench  # bench/submit.py: the script's directory is on sys.path
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -43,7 +58,9 @@ HERE = Path(__file__).parent
 PEERS = {
     "taskiq": ("taskiq==0.13.0", "taskiq-nats==0.7.0"),
     "faststream": ("faststream[nats]==0.7.8",),
+    "npw": ("nats-py-worker==0.0.9",),
 }
+POLL = 0.02
 
 
 def log(msg: str) -> None:
@@ -55,14 +72,18 @@ class Contender:
     name: str
     python: str
     argv: list[str]  # script + leading args
+    kind: str = ""  # stream/consumer naming; default: the name
+    env: dict[str, str] = field(default_factory=dict)
 
     def stream_consumer(self, cid: str) -> tuple[str, str]:
         return {
             "jsworker": ("TASK_QUEUES", f"jsworker{cid}"),
             "raw": ("TASK_QUEUES", f"raw{cid}"),
+            "raw-naive": ("TASK_QUEUES", f"rawnaive{cid}"),
             "taskiq": (f"TQ_{cid}", f"tq_{cid}"),
             "faststream": (f"FS_{cid}", f"fs_{cid}"),
-        }[self.name]
+            "npw": (f"NPW_{cid}", f"npw_{cid}"),
+        }[self.kind or self.name]
 
 
 def make_venvs(root: Path, names: list[str]) -> dict[str, str]:
@@ -81,13 +102,21 @@ def make_venvs(root: Path, names: list[str]) -> dict[str, str]:
     return out
 
 
+def _env(c: Contender) -> dict[str, str]:
+    return {**os.environ, **c.env}
+
+
 async def run_producer(c: Contender, url: str, args: list[str]) -> None:
-    p = await asyncio.create_subprocess_exec(c.python, *c.argv, url, *args)
+    p = await asyncio.create_subprocess_exec(c.python, *c.argv, url, *args, env=_env(c))
     if await p.wait() != 0:
         raise RuntimeError(f"{c.name} producer failed")
 
 
-async def start_consumers(c: Contender, url: str, args: list[str], n: int) -> list[Any]:
+async def start_consumers(
+    c: Contender, url: str, args: list[str], n: int, firsts: list[float] | None = None
+) -> list[Any]:
+    """Start ``n`` consumer processes (each prints READY, then waits for ``go``); the
+    ``FIRST <time>`` lines they print later are appended to ``firsts``."""
     procs = []
     for _ in range(n):
         p = await asyncio.create_subprocess_exec(
@@ -98,6 +127,7 @@ async def start_consumers(c: Contender, url: str, args: list[str], n: int) -> li
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            env=_env(c),
         )
         assert p.stdout is not None
         line = await asyncio.wait_for(p.stdout.readline(), 60)
@@ -105,7 +135,7 @@ async def start_consumers(c: Contender, url: str, args: list[str], n: int) -> li
             raise RuntimeError(f"{c.name} consumer did not start: {line!r}")
         # keep reading what it prints (FastStream logs every message): a full pipe
         # would block the consumer and stall the benchmark
-        _bg.add(asyncio.create_task(_discard(p.stdout)))
+        _bg.add(asyncio.create_task(_read(p.stdout, firsts if firsts is not None else [])))
         procs.append(p)
     return procs
 
@@ -113,9 +143,10 @@ async def start_consumers(c: Contender, url: str, args: list[str], n: int) -> li
 _bg: set[asyncio.Task[None]] = set()
 
 
-async def _discard(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+async def _read(stream: asyncio.StreamReader, firsts: list[float]) -> None:
+    while line := await stream.readline():
+        if line.startswith(b"FIRST "):
+            firsts.append(float(line.split()[1]))
 
 
 async def go(procs: list[Any]) -> None:
@@ -140,8 +171,11 @@ def rss_kib(pid: int, field: str = "VmHWM") -> int:
     return 0
 
 
-async def drained(nc: NATS, c: Contender, cid: str, n: int, partitioned: bool) -> int:
-    """How many of the n tasks are done (acked)."""
+async def drained(
+    nc: NATS, c: Contender, cid: str, n: int, partitioned: bool, last_seq: int
+) -> int:
+    """How many of the n tasks are done: acked, and (unpartitioned) only once the
+    consumer's ack floor is the last task's sequence with nothing pending."""
     js = nc.jetstream()
     if partitioned:
         try:
@@ -156,7 +190,15 @@ async def drained(nc: NATS, c: Contender, cid: str, n: int, partitioned: bool) -
         ci = await js.consumer_info(stream, name)
     except nats.js.errors.NotFoundError:
         return 0
-    return n - ci.num_pending - ci.num_ack_pending
+    done = n - ci.num_pending - ci.num_ack_pending
+    if done >= n and (ci.ack_floor is None or (ci.ack_floor.stream_seq or 0) < last_seq):
+        return n - 1  # everything delivered and answered, the floor not there yet
+    return done
+
+
+async def last_sequence(nc: NATS, c: Contender, cid: str) -> int:
+    stream, _ = c.stream_consumer(cid)
+    return int((await nc.jetstream().stream_info(stream)).state.last_seq)
 
 
 async def drain(
@@ -171,32 +213,40 @@ async def drain(
     payload: int = 0,
     rss_at: int = 0,
 ) -> dict[str, float]:
+    """Drain n pre-published tasks; timed from the first handler call (the earliest
+    ``FIRST`` any process printed) to the ack floor reaching the last task."""
     cid = secrets.token_hex(4)
     extra = [str(payload)] if payload else []
     await run_producer(c, url, ["produce", str(n), cid, *extra])
+    last_seq = await last_sequence(nc, c, cid)
     cargs = [str(conc), cid] + ([str(partitions)] if partitions else [])
-    ps = await start_consumers(c, url, cargs, procs)
-    t0 = time.perf_counter()
+    firsts: list[float] = []
+    ps = await start_consumers(c, url, cargs, procs, firsts)
+    t_go = time.time()
     await go(ps)
     rss_mid = 0
     try:
         while True:
-            await asyncio.sleep(0.05)
-            done = await drained(nc, c, cid, n, partitions > 0)
+            await asyncio.sleep(POLL)
+            done = await drained(nc, c, cid, n, partitions > 0, last_seq)
             if rss_at and not rss_mid and done >= rss_at:
                 rss_mid = rss_kib(ps[0].pid, "VmRSS")
             if done >= n:
                 break
-            if time.perf_counter() - t0 > 600:
+            if time.time() - t_go > 600:
                 raise RuntimeError(f"{c.name} did not drain {n} tasks in 600 s")
-        elapsed = time.perf_counter() - t0
+        t_end = time.time()
         rss_end = rss_kib(ps[0].pid, "VmRSS")
         hwm = rss_kib(ps[0].pid)
     finally:
         await stop(ps)
+    if not firsts:
+        raise RuntimeError(f"{c.name} never reported its first handler call")
+    elapsed = t_end - min(firsts)
     return {
         "tasks_per_s": n / elapsed,
         "seconds": elapsed,
+        "startup_seconds": min(firsts) - t_go,
         "rss_mid_kib": rss_mid,
         "rss_end_kib": rss_end,
         "rss_peak_kib": hwm,
@@ -204,8 +254,11 @@ async def drain(
 
 
 async def latency(nc: NATS, url: str, c: Contender, rate: float, secs: float) -> dict[str, float]:
+    """Submit at ``rate``/s for ``secs``; per task, submit -> handler call (the handler
+    puts its ``time.time()`` in the event) and submit -> completion event seen here."""
     cid = secrets.token_hex(4)
-    lat: list[float] = []
+    handler: list[float] = []
+    event: list[float] = []
     total = int(rate * secs)
 
     async def on_event(msg: Msg) -> None:
@@ -215,9 +268,12 @@ async def latency(nc: NATS, url: str, c: Contender, rate: float, secs: float) ->
         ev = json.loads(msg.data)
         if ev.get("type") != "step.completed":
             return
-        t = ev.get("t") or ((ev.get("payload") or {}).get("output") or {}).get("t")
+        out = ev if "t" in ev else ((ev.get("payload") or {}).get("output") or {})
+        t = out.get("t")
         if t:
-            lat.append(now - t)
+            event.append(now - t)
+            if out.get("h"):
+                handler.append(out["h"] - t)
 
     sub = await nc.subscribe("history.>", cb=on_event)
     ps = await start_consumers(c, url, ["256", cid], 1)
@@ -226,20 +282,18 @@ async def latency(nc: NATS, url: str, c: Contender, rate: float, secs: float) ->
     try:
         await run_producer(c, url, ["rate", str(rate), str(secs), cid])
         deadline = time.monotonic() + 30
-        while len(lat) < total and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a list
+        while len(event) < total and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a list
             await asyncio.sleep(0.1)
     finally:
         await sub.unsubscribe()
         await stop(ps)
-    lat.sort()
-    if not lat:
-        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "seen": 0}
-    return {
-        "p50_ms": lat[len(lat) // 2] * 1000,
-        "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1000,
-        "seen": len(lat),
-        "expected": total,
-    }
+    out: dict[str, float] = {"seen": len(event), "expected": total}
+    for name, lat in (("handler", handler), ("event", event)):
+        lat.sort()
+        out[f"{name}_p50_ms"] = lat[len(lat) // 2] * 1000 if lat else float("nan")
+        p99 = lat[max(0, int(len(lat) * 0.99) - 1)] if lat else float("nan")
+        out[f"{name}_p99_ms"] = p99 * 1000
+    return out
 
 
 async def main() -> None:
@@ -250,16 +304,20 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--memory-tasks", type=int, default=100_000)
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--skip-defaults", action="store_true", help="no library-default rows")
+    ap.add_argument("--only", help="comma-separated sections: drain,latency,submit,scale,memory")
     ap.add_argument("--quick", action="store_true", help="small numbers, to check it runs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.tasks, args.rounds, args.seconds, args.memory_tasks = 2000, 1, 2.0, 5000
+    sections = set((args.only or "drain,latency,submit,scale,memory").split(","))
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg(),
         },
         "params": vars(args),
     }
@@ -267,58 +325,125 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="jsworker-bench-") as td:
         peers = [] if args.skip_peers else list(PEERS)
         pythons = make_venvs(Path(td), peers)
+        own = str(HERE / "_contenders.py")
+        uv = {"JSB_LOOP": "uvloop"}
         contenders = [
-            Contender("jsworker", sys.executable, [str(HERE / "_contenders.py"), "jsworker"]),
-            Contender("raw", sys.executable, [str(HERE / "_contenders.py"), "raw"]),
-        ] + [Contender(p, pythons[p], [str(HERE / "peers" / f"{p}_app.py")]) for p in peers]
+            Contender("jsworker", sys.executable, [own, "jsworker"]),
+            Contender("jsworker-uvloop", sys.executable, [own, "jsworker"], "jsworker", uv),
+            Contender("raw", sys.executable, [own, "raw"]),
+            Contender("raw-naive", sys.executable, [own, "raw-naive"]),
+        ]
+        for p in peers:
+            app = [str(HERE / "peers" / f"{p}_app.py")]
+            name = "nats-py-worker" if p == "npw" else p
+            contenders.append(Contender(name, pythons[p], app, p))
+            if p != "npw" and not args.skip_defaults:
+                contenders.append(
+                    Contender(f"{p}-defaults", pythons[p], app, p, {"JSB_DEFAULTS": "1"})
+                )
         async with jsworker.EmbeddedServer() as srv:
             results["machine"]["nats_server"] = server_version
             results["machine"]["nats_py"] = _version("nats-py")
+            results["machine"]["uvloop"] = _version("uvloop")
             for p in peers:
                 results["machine"][p] = PEERS[p][0]
             nc = await nats.connect(srv.url)
             await jsworker.setup_all(nc)
-            thr: dict[str, list[float]] = {c.name: [] for c in contenders}
-            for r in range(args.rounds):
-                order = contenders if r % 2 == 0 else contenders[::-1]
-                for c in order:
-                    log(f"drain round {r + 1}: {c.name} ({args.tasks} tasks)")
-                    thr[c.name].append((await drain(nc, srv.url, c, args.tasks))["tasks_per_s"])
-            results["throughput"] = {k: statistics.median(v) for k, v in thr.items()}
-            results["throughput_runs"] = thr
-            results["latency"] = {}
-            for c in contenders:
-                log(f"latency: {c.name} at {args.rate:g}/s for {args.seconds:g} s")
-                results["latency"][c.name] = await latency(nc, srv.url, c, args.rate, args.seconds)
+            if "drain" in sections:
+                thr: dict[str, list[float]] = {c.name: [] for c in contenders}
+                for r in range(args.rounds):
+                    # rotate and flip the order every round
+                    k = r % len(contenders)
+                    order = contenders[k:] + contenders[:k]
+                    if r % 2:
+                        order.reverse()
+                    for c in order:
+                        log(f"drain round {r + 1}: {c.name} ({args.tasks} tasks)")
+                        d = await drain(nc, srv.url, c, args.tasks)
+                        log(f"  {d['tasks_per_s']:.0f} tasks/s")
+                        thr[c.name].append(round(d["tasks_per_s"], 1))
+                results["throughput"] = {k: statistics.median(v) for k, v in thr.items()}
+                results["throughput_runs"] = thr
+            if "latency" in sections:
+                results["latency"] = {}
+                for c in contenders:
+                    if c.name.endswith("-defaults") and c.kind == "faststream":
+                        continue  # batch 1, 1 worker, pull timeout: not a latency contender
+                    log(f"latency: {c.name} at {args.rate:g}/s for {args.seconds:g} s")
+                    results["latency"][c.name] = await latency(
+                        nc, srv.url, c, args.rate, args.seconds
+                    )
+            if "submit" in sections:
+                log(f"submit: Client.submit_many vs raw publish_async, {args.tasks} tasks")
+                results["submit"] = await submit_bench.compare(
+                    srv.url, args.tasks, max(3, args.rounds)
+                )
             js = contenders[0]
-            scale: dict[str, float] = {}
-            for procs in (1, 2, 4):
-                log(f"scale: jsworker x{procs}")
-                scale[f"{procs}_procs"] = (await drain(nc, srv.url, js, args.tasks, procs=procs))[
-                    "tasks_per_s"
-                ]
-            log("scale: jsworker 8 partitions x2")
-            scale["8_partitions_2_procs"] = (
-                await drain(nc, srv.url, js, args.tasks, procs=2, partitions=8)
-            )["tasks_per_s"]
-            for size in (64, 4096, 65536):
-                log(f"payload: {size} B")
-                scale[f"payload_{size}B"] = (
-                    await drain(nc, srv.url, js, args.tasks, payload=size)
-                )["tasks_per_s"]
-            results["scale"] = scale
-            log(f"memory: jsworker over {args.memory_tasks} tasks")
-            mem = await drain(nc, srv.url, js, args.memory_tasks, rss_at=args.memory_tasks // 10)
-            results["memory"] = {k: v for k, v in mem.items() if k.startswith("rss")}
+            if "scale" in sections:
+                scale: dict[str, Any] = {}
+                runs: dict[str, list[float]] = {"2_procs": [], "8_partitions_2_procs": []}
+                for r in range(args.rounds):
+                    for key in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+                        log(f"scale: jsworker {key} (round {r + 1})")
+                        d = await drain(
+                            nc, srv.url, js, args.tasks, procs=2, partitions=8 if "8" in key else 0
+                        )
+                        log(f"  {d['tasks_per_s']:.0f} tasks/s")
+                        runs[key].append(round(d["tasks_per_s"], 1))
+                scale["runs"] = runs
+                scale.update({k: statistics.median(v) for k, v in runs.items()})
+                for procs in (1, 4):
+                    log(f"scale: jsworker x{procs}")
+                    scale[f"{procs}_procs"] = (
+                        await drain(nc, srv.url, js, args.tasks, procs=procs)
+                    )["tasks_per_s"]
+                for size in (64, 4096, 65536):
+                    log(f"payload: {size} B")
+                    scale[f"payload_{size}B"] = (
+                        await drain(nc, srv.url, js, args.tasks, payload=size)
+                    )["tasks_per_s"]
+                results["scale"] = scale
+            if "memory" in sections:
+                log(f"memory: jsworker over {args.memory_tasks} tasks")
+                mem = await drain(
+                    nc, srv.url, js, args.memory_tasks, rss_at=args.memory_tasks // 10
+                )
+                results["memory"] = {k: v for k, v in mem.items() if k.startswith("rss")}
             await nc.close()
-    t = results["throughput"]
-    results["ratios"] = {
-        f"jsworker/{k}": t["jsworker"] / v for k, v in t.items() if k != "jsworker"
-    }
+    results["targets"] = targets(results)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print_report(results)
+
+
+def targets(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures of issue 11's table, from this run."""
+    out: dict[str, Any] = {}
+    t = r.get("throughput", {})
+    if "jsworker" in t:
+        for k, v in t.items():
+            if k != "jsworker" and v:
+                out[f"drain jsworker/{k}"] = round(t["jsworker"] / v, 3)
+        if t.get("jsworker-uvloop"):
+            out["drain jsworker-uvloop/jsworker"] = round(t["jsworker-uvloop"] / t["jsworker"], 3)
+    sc = r.get("scale", {})
+    if sc.get("2_procs"):
+        out["partitioned (8, 2 procs) / unpartitioned (2 procs)"] = round(
+            sc["8_partitions_2_procs"] / sc["2_procs"], 3
+        )
+    lat = r.get("latency", {})
+    if "jsworker" in lat and "raw" in lat:
+        out["p99 submit->handler ms jsworker / raw"] = [
+            round(lat["jsworker"]["handler_p99_ms"], 2),
+            round(lat["raw"]["handler_p99_ms"], 2),
+        ]
+    m = r.get("memory")
+    if m and m.get("rss_mid_kib"):
+        out["RSS after all / after 10%"] = round(m["rss_end_kib"] / m["rss_mid_kib"], 3)
+    if "submit" in r:
+        out["submit_many / raw publish_async"] = r["submit"]["ratio"]
+    return out
 
 
 def _server_version() -> str:
@@ -334,23 +459,41 @@ def _version(dist: str) -> str:
 
 
 def print_report(r: dict[str, Any]) -> None:
-    print("\n## drain throughput (tasks/s, median)")
-    for k, v in r["throughput"].items():
-        print(f"  {k:12} {v:10.0f}")
-    for k, v in r["ratios"].items():
-        print(f"  {k:22} {v:.2f}")
-    print("\n## latency submit -> completion event (ms)")
-    for k, v in r["latency"].items():
-        print(f"  {k:12} p50 {v['p50_ms']:8.2f}  p99 {v['p99_ms']:8.2f}  ({v['seen']} events)")
-    print("\n## jsworker scale (tasks/s)")
-    for k, v in r["scale"].items():
-        print(f"  {k:22} {v:10.0f}")
-    m = r["memory"]
-    print("\n## jsworker memory (KiB)")
-    print(
-        f"  RSS after 10%: {m['rss_mid_kib']}  after all: {m['rss_end_kib']}  "
-        f"peak: {m['rss_peak_kib']}"
-    )
+    if "throughput" in r:
+        print("\n## drain throughput (tasks/s: median, runs)")
+        for k, v in r["throughput"].items():
+            runs = " / ".join(f"{x:.0f}" for x in r["throughput_runs"][k])
+            print(f"  {k:20} {v:8.0f}   ({runs})")
+    if "latency" in r:
+        print("\n## latency (ms): submit -> handler, submit -> completion event")
+        for k, v in r["latency"].items():
+            print(
+                f"  {k:20} handler p50 {v['handler_p50_ms']:8.2f} p99 {v['handler_p99_ms']:8.2f}"
+                f"   event p50 {v['event_p50_ms']:8.2f} p99 {v['event_p99_ms']:8.2f}"
+                f"  ({v['seen']}/{v['expected']})"
+            )
+    if "submit" in r:
+        s = r["submit"]
+        print("\n## submit (tasks/s: median, runs)")
+        for k, v in s["median_tasks_per_s"].items():
+            print(f"  {k:20} {v:8.0f}   ({' / '.join(f'{x:.0f}' for x in s['runs'][k])})")
+    if "scale" in r:
+        print("\n## jsworker scale (tasks/s)")
+        for k, v in r["scale"].items():
+            if k != "runs":
+                print(f"  {k:22} {v:10.0f}")
+        for k, v in r["scale"]["runs"].items():
+            print(f"  runs {k:17} {' / '.join(f'{x:.0f}' for x in v)}")
+    if "memory" in r:
+        m = r["memory"]
+        print("\n## jsworker memory (KiB)")
+        print(
+            f"  RSS after 10%: {m['rss_mid_kib']}  after all: {m['rss_end_kib']}  "
+            f"peak: {m['rss_peak_kib']}"
+        )
+    print("\n## targets")
+    for k, v in r["targets"].items():
+        print(f"  {k}: {v}")
     print("\n## machine")
     for k, v in r["machine"].items():
         print(f"  {k}: {v}")

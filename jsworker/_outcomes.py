@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,9 @@ from . import _wire as w
 from ._context import Outcome, TaskInfo
 from ._errors import JSWorkerError, PayloadError
 from ._handler import HandlerSpec
+from ._pubacks import PubAcks
+from ._pubacks import ack as fast_ack
+from ._pubacks import publish as fast_publish
 from ._stats import WorkerStats
 
 if TYPE_CHECKING:
@@ -60,6 +64,10 @@ RECORD_DELIVERY_LIMIT = 20
 MAX_SUBJECT_BYTES = 2048
 #: JetStream API error: "message size exceeds maximum allowed" (a stream's max_msg_size)
 _JS_MSG_TOO_LARGE = 10054
+
+
+#: bytes of ``{"Nats-Msg-Id": ""}`` as a header block (``NATS/1.0``, the key, CRLFs)
+_ID_HEADER_SIZE = w.headers_size({"Nats-Msg-Id": ""})
 
 
 class UnrecordableError(JSWorkerError):
@@ -88,6 +96,10 @@ def is_permanent(e: BaseException) -> bool:
     return isinstance(e, TypeError | ValueError)
 
 
+#: non-empty tokens without whitespace (``\s`` is exactly ``str.isspace``) or wildcards
+_VALID_SUBJECT = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
+
+
 def check_subject(subject: str) -> None:
     """Raise :class:`UnrecordableError` for a subject the server would refuse or
     misread: empty tokens, whitespace, wildcard tokens, or over
@@ -96,9 +108,8 @@ def check_subject(subject: str) -> None:
     size = len(subject.encode())
     if size > MAX_SUBJECT_BYTES:
         raise UnrecordableError(f"subject is {size} bytes, over {MAX_SUBJECT_BYTES}")
-    for token in subject.split("."):
-        if not token or "*" in token or ">" in token or any(c.isspace() for c in token):
-            raise UnrecordableError(f"invalid subject {subject[:200]!r}")
+    if _VALID_SUBJECT.fullmatch(subject) is None:
+        raise UnrecordableError(f"invalid subject {subject[:200]!r}")
 
 
 def attempt_suffix(info: TaskInfo) -> str:
@@ -144,6 +155,7 @@ class OutcomeRecorder:
         services: Services,
         *,
         record_delivery_limit: int = RECORD_DELIVERY_LIMIT,
+        publish_timeout: float = 5.0,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -152,6 +164,12 @@ class OutcomeRecorder:
         self.telemetry = telemetry
         self.services = services
         self.record_delivery_limit = record_delivery_limit
+        #: pipelined JetStream publishes: no request round trip per record
+        self.pubacks = PubAcks(nc, timeout=publish_timeout)
+
+    async def close(self) -> None:
+        """Drop the PubAck subscription (the worker calls this when it stops)."""
+        await self.pubacks.close()
 
     def delivery_limit(self, spec: HandlerSpec) -> int:
         """From this delivery on, an outcome that fails to record for a transient reason
@@ -163,7 +181,14 @@ class OutcomeRecorder:
     def room(self, headers: Mapping[str, str] | None) -> int:
         """Bytes a message body may have next to ``headers`` (0: no known limit)."""
         limit = self.nc.max_payload
-        return max(0, limit - w.headers_size(headers)) if limit else 0
+        if not limit:
+            return 0
+        if headers is not None and len(headers) == 1:
+            # the common case, a dedup id alone: w.headers_size without the loop
+            msg_id = headers.get("Nats-Msg-Id")
+            if msg_id is not None and msg_id == msg_id.strip():
+                return max(0, limit - _ID_HEADER_SIZE - len(msg_id.encode()))
+        return max(0, limit - w.headers_size(headers))
 
     def fits(self, subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         """Raise :class:`UnrecordableError` if the message can never be published."""
@@ -197,7 +222,7 @@ class OutcomeRecorder:
         transient ones propagate as they are."""
         self.fits(subject, data, headers)
         try:
-            await self.js.publish(subject, data, headers=headers)
+            await (await self.pubacks.publish(subject, data, headers))
         except Exception as e:
             if is_permanent(e):
                 raise UnrecordableError(f"{type(e).__name__}: {e}") from e
@@ -273,7 +298,7 @@ class OutcomeRecorder:
         if o.kind == "complete":
             # the output is the outcome: never truncated here (see _unrecordable)
             await self.event(info, payload, w.STEP_COMPLETED, None, {**base, "output": o.output})
-            await self._settle("ack", msg.ack)
+            await self._settle("ack", lambda: fast_ack(msg))
             self.stats.completed += 1
             self.telemetry.count("completed", spec.task_type)
             if checkpointed:
@@ -302,7 +327,7 @@ class OutcomeRecorder:
                 {**base, "output": o.output, "next_iteration": nxt},
             )
             await self._publish(info.subject, body, headers)
-            await self._settle("ack", msg.ack)
+            await self._settle("ack", lambda: fast_ack(msg))
             self.stats.continued += 1
             self.telemetry.count("continued", spec.task_type)
             return
@@ -574,6 +599,6 @@ class OutcomeRecorder:
         try:
             data = self.encode(doc, _EVENT_SHRINK, headers)
             self.fits(subject, data, headers)
-            await self.nc.publish(subject, data, headers=headers)
+            await fast_publish(self.nc, subject, data, headers=headers)
         except Exception as e:
             log.warning("%s of %s/%s not published: %s", etype, info.run_id, info.step_id, e)

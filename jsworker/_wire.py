@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,7 +40,11 @@ INVALID_PAYLOAD = "invalid_payload"
 #: the outcome could never be recorded as it was (too large, invalid subject, encoding),
 #: or not within the bounded number of deliveries: recorded as this failure instead
 UNRECORDABLE = "unrecordable"
-TERMINAL_KINDS = frozenset({NON_RETRIABLE, EXHAUSTED, INVALID_PAYLOAD, UNRECORDABLE})
+#: a hard-sticky task whose worker was gone for longer than the limit (docs/wire.md)
+STICKY_WORKER_GONE = "sticky_worker_gone"
+TERMINAL_KINDS = frozenset(
+    {NON_RETRIABLE, EXHAUSTED, INVALID_PAYLOAD, UNRECORDABLE, STICKY_WORKER_GONE}
+)
 
 #: the largest iteration a body may carry (Go's int32 range, far past any max_iterations)
 MAX_ITERATION = 2**31 - 1
@@ -142,8 +147,18 @@ def headers_size(headers: Mapping[str, str] | None) -> int:
     return size
 
 
+_second: list[Any] = [None, ""]  # [whole second, its "YYYY-MM-DDTHH:MM:SS"]
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """UTC now as ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (two per task: the date part is
+    formatted once per second)."""
+    now = time.time()
+    sec = int(now)
+    if _second[0] != sec:
+        _second[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = sec
+    return f"{_second[1]}.{int((now - sec) * 1e6):06d}Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,16 @@
 
 Handler: a JetStream publish of a completion event to ``history.{run_id}`` (awaiting the
 PubAck); FastStream acks after the handler. Stream ``FS_{ID}``, subject ``fs.{ID}``.
+Tuned: ``PullSub(batch_size=256, timeout=1.0)``, ``max_workers=CONC``; with
+``JSB_DEFAULTS=1`` a plain ``PullSub()`` and FastStream's default workers. Prints
+``FIRST <time>`` at the first handler call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -49,18 +53,21 @@ async def consume(conc: int) -> None:
     broker = NatsBroker(URL)
     pub_nc = await nats.connect(URL)
     pub_js = pub_nc.jetstream()
+    first: list[float] = []
+    if os.environ.get("JSB_DEFAULTS") == "1":
+        tuning: dict[str, object] = {"pull_sub": PullSub()}
+    else:
+        tuning = {"pull_sub": PullSub(batch_size=256, timeout=1.0), "max_workers": conc}
 
-    @broker.subscriber(
-        f"fs.{ID}",
-        stream=stream,
-        durable=f"fs_{ID}",
-        pull_sub=PullSub(batch_size=256, timeout=1.0),
-        max_workers=conc,
-    )
+    @broker.subscriber(f"fs.{ID}", stream=stream, durable=f"fs_{ID}", **tuning)
     async def handle(msg: dict[str, object]) -> None:
+        h = time.time()
+        if not first:
+            first.append(h)
+            print("FIRST", h, flush=True)
         run_id = str(msg["run_id"])
         body = json.dumps(
-            {"type": "step.completed", "run_id": run_id, "t": msg.get("t", 0.0)}
+            {"type": "step.completed", "run_id": run_id, "t": msg.get("t", 0.0), "h": h}
         ).encode()
         await pub_js.publish(f"history.{run_id}", body, headers={"Nats-Msg-Id": f"{run_id}.c"})
 

@@ -46,6 +46,7 @@ def cli(
     ctx: click.Context,
     url: str,
     creds: str | None,
+    nkey: str | None,
     user: str | None,
     password: str | None,
     token: str | None,
@@ -71,6 +72,7 @@ def cli(
     ctx.obj = ConnOptions(
         url=url,
         creds=creds,
+        nkey=nkey,
         user=user,
         password=password,
         token=token,

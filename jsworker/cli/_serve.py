@@ -17,8 +17,9 @@ from nats.aio.client import Client as NATS
 from rich.live import Live
 from rich.text import Text
 
+from .._loop import LOOPS, resolve_loop
 from .._worker import Worker
-from ._connect import ConnOptions, pass_conn, run
+from ._connect import ConnOptions, library_errors, pass_conn, run
 from ._importer import build_worker, check_target, import_from_string, needs_connection
 from ._otel import otel_console_option, otel_session
 from ._output import console, err
@@ -105,6 +106,12 @@ def status_text(worker: Worker, started: float) -> Text:
     return t
 
 
+def loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the loop running now."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
 async def serve_worker(
     worker: Worker,
     *,
@@ -124,7 +131,7 @@ async def serve_worker(
         Text.assemble(
             ("serving ", "bold"),
             ", ".join(worker.task_types) or "(no handlers yet)",
-            f" on {url} as {worker.worker_id} (Ctrl-C stops)",
+            f" on {url} as {worker.worker_id}, {loop_name()} loop (Ctrl-C stops)",
         ),
         soft_wrap=True,
     )
@@ -166,10 +173,23 @@ async def serve_worker(
     default=None,
     help="Seconds in-flight tasks get to finish on stop  [default: the Worker's grace_period]",
 )
+@click.option(
+    "--loop",
+    "loop_name",
+    type=click.Choice(LOOPS),
+    default="auto",
+    show_default=True,
+    help="Event loop: auto uses uvloop when it is installed (pip install 'jsworker[fast]').",
+)
 @otel_console_option
 @pass_conn
 def serve(
-    conn: ConnOptions, target: str, app_dir: str, grace: float | None, otel_console: bool
+    conn: ConnOptions,
+    target: str,
+    app_dir: str,
+    grace: float | None,
+    loop_name: str,
+    otel_console: bool,
 ) -> None:
     """Run the worker TARGET (module:attr) until Ctrl-C or SIGTERM.
 
@@ -202,6 +222,7 @@ def serve(
       jsworker serve myapp.tasks:make_worker
       NATS_URL=nats://nats:4222 jsworker serve myapp.tasks:make_worker --grace 30
       jsworker serve tasks:make_worker --app-dir src
+      jsworker serve myapp.tasks:make_worker --loop uvloop   # fail if not installed
     \b
       # myapp/instance.py (instance on the module's own client)
       #   import jsworker
@@ -210,6 +231,8 @@ def serve(
       #   worker.handle("ping", lambda ctx: "pong")
       jsworker serve myapp.instance:worker
     """
+    with library_errors():
+        _, loop_factory = resolve_loop(loop_name)
     sys.path.insert(0, os.path.abspath(app_dir))
     obj = import_from_string(target)
     check_target(obj)
@@ -227,9 +250,12 @@ def serve(
                 worker = await build_worker(obj, nc, conn)
                 if telemetry is not None:
                     worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
-                await serve_worker(worker, grace=grace, url=conn.url, signals=signals)
+                await serve_worker(worker, grace=grace, url=conn.display_url, signals=signals)
             finally:
                 for client in {c for c in (nc, worker.nc if worker else None) if c is not None}:
-                    await client.close()
+                    try:
+                        await client.close()
+                    except Exception as e:  # a connection the server dropped (uvloop)
+                        err(f"closing the connection: {type(e).__name__}: {e}", style="dim")
 
-    run(main())
+    run(main(), loop_factory=loop_factory)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -15,13 +15,16 @@ from rich.text import Text
 
 from .. import _names as n
 from .. import _wire as w
-from .._client import Client
+from .._client import Client, TaskRequest
 from .._errors import TaskFailed, TaskTimeout
 from .._services import CHUNK_SEQ
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
 from ._input import parse_metadata, read_json_arg
 from ._otel import otel_console_option, otel_session
-from ._output import compact, console, err, event_text, print_json
+from ._output import compact, console, err, event_text, print_json, print_json_line, safe
+
+#: tasks per ``submit_many`` call of ``submit --count``
+SUBMIT_CHUNK = 10_000
 
 
 @click.group("task")
@@ -48,6 +51,12 @@ def task_group() -> None:
 @click.option(
     "--timeout", type=click.FloatRange(0.1), default=60.0, help="Seconds --wait waits at most."
 )
+@click.option(
+    "--count",
+    type=click.IntRange(1),
+    default=1,
+    help="Submit this many tasks (each its own run), pipelined: load from the CLI.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @otel_console_option
 @pass_conn
@@ -61,6 +70,7 @@ def submit(
     metadata: tuple[str, ...],
     wait: bool,
     timeout: float,
+    count: int,
     as_json: bool,
     otel_console: bool,
 ) -> None:
@@ -77,7 +87,10 @@ def submit(
       jsworker task submit resize-image @job.json --group gpu --wait
       echo '{"n": 3}' | jsworker task submit fib - --wait --json
       jsworker task submit charge-card '{"amount": 5}' --run-id order-42 -m tenant=acme
+      jsworker task submit noop --count 100000 --json   # load: prints tasks/s
     """
+    if count > 1 and (run_id is not None or wait):
+        raise click.UsageError("--count cannot be combined with --run-id or --wait")
     with library_errors():
         n.validate_task_type(task_type)
         if group is not None:
@@ -86,6 +99,9 @@ def submit(
             n.validate_token(run_id, "run id")
     value = read_json_arg(input)
     meta = parse_metadata(metadata)
+    if count > 1:
+        _submit_count(conn, task_type, value, group, key, meta, count, as_json)
+        return
 
     async def go(nc: NATS) -> dict[str, Any]:
         h = await Client(nc, telemetry=telemetry).submit(
@@ -116,16 +132,65 @@ def submit(
         print_json(out)
     else:
         line = Text(f"submitted {task_type} run ")
-        line.append(out["run_id"], style="bold cyan")
+        line.append(safe(out["run_id"]), style="bold cyan")
         if out["duplicate"]:
             line.append(" (duplicate: this run and step were already submitted)", style="yellow")
         console.print(line, soft_wrap=True)
         if wait and out["status"] == "completed":
-            console.print(Text.assemble(("completed: ", "green"), compact(out["output"])))
+            console.print(Text.assemble(("completed: ", "green"), safe(compact(out["output"]))))
     if wait and out["status"] != "completed":
+        # kind and error come from the worker that failed the task: err() escapes them
         kind = f" ({out['kind']})" if "kind" in out else ""
         err(f"Error: task {out['status']}{kind}: {out['error']}")
         sys.exit(1)
+
+
+def _submit_count(
+    conn: ConnOptions,
+    task_type: str,
+    value: Any,
+    group: str | None,
+    key: str | None,
+    meta: dict[str, str],
+    count: int,
+    as_json: bool,
+) -> None:
+    """``submit --count N``: N tasks with ``Client.submit_many`` (in chunks, so memory
+    stays flat), then one line (or JSON) with the rate."""
+
+    async def go(nc: NATS) -> dict[str, Any]:
+        client = Client(nc)
+        t0 = time.perf_counter()
+        duplicates, first, last = 0, 0, 0
+        for start in range(0, count, SUBMIT_CHUNK):
+            reqs = [
+                TaskRequest(task_type, value, group=group, key=key, metadata=meta)
+                for _ in range(min(SUBMIT_CHUNK, count - start))
+            ]
+            handles = await client.submit_many(reqs, window=1024)
+            duplicates += sum(h.duplicate for h in handles)
+            first = first or handles[0].sequence
+            last = handles[-1].sequence
+        seconds = time.perf_counter() - t0
+        return {
+            "task_type": task_type,
+            "count": count,
+            "duplicates": duplicates,
+            "first_sequence": first,
+            "last_sequence": last,
+            "seconds": round(seconds, 3),
+            "tasks_per_s": round(count / seconds, 1) if seconds > 0 else None,
+        }
+
+    out = run(with_nc(conn, go))
+    if as_json:
+        print_json(out)
+    else:
+        console.print(
+            f"submitted {count} {task_type} tasks in {out['seconds']:.2f} s "
+            f"({out['tasks_per_s']:.0f} tasks/s)",
+            soft_wrap=True,
+        )
 
 
 @task_group.command("events")
@@ -151,7 +216,7 @@ def events(conn: ConnOptions, run_id: str, follow: bool, as_json: bool) -> None:
         async for ev in Client(nc).run_events(run_id, timeout=None if follow else 0.5):
             count += 1
             if as_json:
-                click.echo(json.dumps(ev))
+                print_json_line(ev)
             else:
                 console.print(event_text(ev), soft_wrap=True)
         return count
@@ -201,15 +266,20 @@ def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
                     if isinstance(item, BaseException):
                         raise item
                     if isinstance(item, Msg):
+                        # the subject, header and data are written by the worker
                         step = item.subject.split(".", 2)[2]
                         seq = (item.headers or {}).get(CHUNK_SEQ, "")
-                        line = Text(f"{step} #{seq} ", style="dim")
-                        line.append(item.data.decode(errors="replace"), style="")
+                        line = Text(f"{safe(step)} #{safe(seq)} ", style="dim")
+                        line.append(safe(item.data.decode(errors="replace")), style="")
                         console.print(line, soft_wrap=True)
                         continue
                     console.print(event_text(item), soft_wrap=True)
+                    if not isinstance(item, dict):
+                        continue
                     et = item.get("type")
-                    kind = (item.get("payload") or {}).get("kind")
+                    payload = item.get("payload")
+                    kind = payload.get("kind") if isinstance(payload, dict) else None
+                    kind = kind if isinstance(kind, str) else None  # unhashable from the wire
                     if et == w.STEP_COMPLETED:
                         return True
                     if et == w.STEP_CANCELLED or (
