@@ -180,5 +180,7 @@ def event_text(ev: Any) -> Text:
     t.append(f"{safe(ev.get('timestamp', ''))}  ", style="dim")
     t.append(f"{et:15}", style=EVENT_STYLE.get(et, ""))
     t.append(f" {safe(ev.get('step_id', ''))}  attempt {safe(ev.get('attempt_number', ''))}  ")
+    if ev.get("worker_id"):
+        t.append(f"on {safe(ev['worker_id'])}  ", style="dim")
     t.append(safe(detail))
     return t
