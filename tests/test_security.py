@@ -284,6 +284,17 @@ async def test_interactive_session_never_shows_the_password() -> None:
         assert SECRET not in str(e.value) and "alice:***@" in str(e.value)
 
 
+def test_kernel_spec_shows_the_url_without_its_password() -> None:
+    from jsworker.interactive._kernel import kernel_spec
+    from jsworker.interactive._magics import URL_ENV
+
+    url = f"nats://alice:{SECRET}@nats:4222"
+    spec = kernel_spec(url, "dev-alice")
+    assert spec["env"][URL_ENV] == url  # the kernel connects with it
+    shown = json.dumps({k: v for k, v in spec.items() if k != "env"})
+    assert SECRET not in shown and "nats://alice:***@nats:4222" in spec["display_name"]
+
+
 # ------------------------------------------------------------------ terminal safety
 async def test_workers_prints_hostile_directory_entries_as_text(
     nc: NATS, server_env: dict[str, str], unique: Callable[[str], str]
