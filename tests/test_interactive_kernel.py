@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interactive_helpers import Kernel
+from interactive_helpers import Kernel, own_server
 from nats.aio.client import Client as NATS
 
 import jsworker
@@ -19,6 +19,9 @@ from jsworker import EmbeddedServer
 from jsworker.cli._partitions import group_view
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# this module's own server (see interactive_helpers.own_server); `nc` follows it
+server = pytest.fixture(scope="module", name="server")(own_server)
 
 
 def kernel_env(server: EmbeddedServer) -> dict[str, str]:
