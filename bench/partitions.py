@@ -294,12 +294,19 @@ async def map_state(js: Any, ttype: str) -> tuple[list[str], int, dict[str, list
     return sorted(cfg.members or ()), e.revision or 0, consumers
 
 
-async def wait_stable(js: Any, ttype: str, live: set[str], t0: float) -> dict[str, float]:
+async def wait_stable(js: Any, ttype: str, live: set[str], t0: float) -> dict[str, Any]:
     """Seconds from ``t0`` until the map is the one for ``live``, complete and unchanged
-    for ``STABLE_FOR``; plus the config revision then."""
+    for ``STABLE_FOR``; the config revision then; and the config changes seen on the
+    way (seconds after ``t0``, members; polled every 0.2 s)."""
     since: float | None = None
+    changes: list[tuple[float, int]] = []
+    seen_rev = -1
     while True:
         members, rev, consumers = await map_state(js, ttype)
+        if rev != seen_rev:
+            if seen_rev >= 0:
+                changes.append((round(time.time() - t0, 2), len(members)))
+            seen_rev = rev
         cfg = ElasticConfig(
             max_members=256,
             partitioning_filters=(PartitioningFilter(f"task.{ttype}.*", (1,)),),
@@ -314,7 +321,7 @@ async def wait_stable(js: Any, ttype: str, live: set[str], t0: float) -> dict[st
         elif not ok:
             since = None
         if since is not None and now - since >= STABLE_FOR:
-            return {"stable_s": since - t0, "revision": rev}
+            return {"stable_s": since - t0, "revision": rev, "changes": changes}
         await asyncio.sleep(0.2)
 
 
@@ -392,20 +399,6 @@ async def scale(url: str, members: int, rate: float, tmp: Path) -> dict[str, Any
             i += 1
             await asyncio.sleep(1 / rate)
 
-    changes: list[tuple[float, int, int]] = []  # (time, revision, members)
-
-    async def watch() -> None:
-        kv = await js.key_value("elastic-consumer-groups")
-        w = await kv.watch(f"TASK_QUEUES.{ttype}")
-        async for e in w:
-            if e is not None and e.value:
-                cfg = ElasticConfig.from_json(e.value)
-                changes.append((time.time(), e.revision or 0, len(cfg.members or ())))
-
-    def since(t0: float) -> list[tuple[float, int]]:
-        return [(round(t - t0, 2), m) for t, _, m in changes if t >= t0]
-
-    watcher = asyncio.create_task(watch())
     prod: asyncio.Task[None] | None = None
     try:
         t_go = await fleet.start(members)
@@ -428,7 +421,10 @@ async def scale(url: str, members: int, rate: float, tmp: Path) -> dict[str, Any
         t_pub = time.time()
         orphan_set = set(orphaned)
         served: dict[int, float] = {}
+        removed_at: float | None = None
         while len(served) < len(orphan_set):
+            if removed_at is None and (await map_state(js, ttype))[1] != rev0:
+                removed_at = time.time()
             for e in events.poll():
                 p = key_part[e["k"]]
                 if p in orphan_set and e["t0"] >= t_pub and e["w"] not in victims:
@@ -439,11 +435,11 @@ async def scale(url: str, members: int, rate: float, tmp: Path) -> dict[str, Any
         out["kill"] = {
             "killed": len(victims),
             "orphaned_partitions": len(orphaned),
+            "dead_removed_s": (removed_at or time.time()) - t_kill,
             "all_orphans_served_s": max(served.values()) - t_kill,
             **st,
             **cas_delta(c0, c1),
             "config_writes": st["revision"] - rev0,
-            "config_changes_s_members": since(t_kill),
         }
         rev1 = st["revision"]
         # start as many again
@@ -473,7 +469,6 @@ async def scale(url: str, members: int, rate: float, tmp: Path) -> dict[str, Any
         out["partition_overlaps_across_workers"] = overlaps(rows, lambda e: key_part[e["k"]], True)
     finally:
         stop.set()
-        watcher.cancel()
         if prod is not None:
             with contextlib.suppress(Exception):
                 await prod
@@ -490,8 +485,8 @@ def print_scale(out: dict[str, Any]) -> None:
     for phase in ("start", "kill", "restart"):
         d = out[phase]
         extra = (
-            f"  all orphans served {d['all_orphans_served_s']:.2f}s "
-            f"({d['orphaned_partitions']} partitions)"
+            f"  dead removed {d['dead_removed_s']:.2f}s, all orphans served "
+            f"{d['all_orphans_served_s']:.2f}s ({d['orphaned_partitions']} partitions)"
             if phase == "kill"
             else ""
         )
@@ -519,6 +514,8 @@ async def main() -> None:
     if args.members:
         if not 1 <= args.members <= 48:
             sys.exit("error: --members must be 1-48")
+        if not args.rate > 0 or not args.timeout > 0:
+            sys.exit("error: --rate and --timeout must be > 0")
         with tempfile.TemporaryDirectory() as td:
             async with jsworker.EmbeddedServer() as srv:
                 nc = await nats.connect(srv.url)

@@ -16,12 +16,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
+from nats.js.kv import KeyValue
 
 from . import _names as n
 from . import _wire as w
 from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
 from ._pubacks import PubAck, shared_pubacks
 from ._services import CHUNK_SEQ, Services
+from ._sticky import bindings_kv, route, sticky_headers, validate_mode
 from ._telemetry import Telemetry, current_traceparent
 
 
@@ -37,7 +39,7 @@ class StreamItem:
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """One task for :meth:`Client.submit_many`."""
+    """One task for :meth:`Client.submit_many` (fields as :meth:`Client.submit`)."""
 
     task_type: str
     input: Any = None
@@ -46,6 +48,8 @@ class TaskRequest:
     step_id: str | None = None
     metadata: Mapping[str, str] | None = None
     key: str | None = None
+    sticky: str | None = None
+    last_step: bool = False
 
 
 #: seconds without any event after which ``wait_outcome`` subscribes afresh
@@ -167,6 +171,19 @@ class Client:
         #: pipelined JetStream publishes (one reply subscription per connection)
         self.pubacks = shared_pubacks(nc)
         self.telemetry = telemetry or Telemetry()
+        self._bindings: KeyValue | None = None
+
+    async def _sticky_route(
+        self, task_type: str, run_id: str, mode: str | None, last: bool, subject: str
+    ) -> tuple[str, dict[str, str]]:
+        """Subject and extra headers of a task: a sticky one goes to its run's worker
+        (docs/sticky-assignment.md); others are left as they are."""
+        if mode is None:
+            return subject, {}
+        if self._bindings is None:
+            self._bindings = await bindings_kv(self.js)
+        routed = await route(self.js, self._bindings, task_type, run_id, mode, subject)
+        return routed, sticky_headers(mode, subject, last)
 
     def _build(
         self,
@@ -179,6 +196,8 @@ class Client:
         metadata: Mapping[str, str] | None,
         key: str | None = None,
         trace: tuple[str, str] | None = None,
+        sticky: str | None = None,
+        last_step: bool = False,
     ) -> tuple[str, bytes, str, str, str]:
         n.validate_task_type(task_type)
         if key is not None:
@@ -201,16 +220,19 @@ class Client:
             traceparent=tp,
             tracestate=ts,
         ).encode()
-        self._check_size(body, value, f"{run_id}.{step_id}.0")
         subject = n.task_subject(task_type, key if key is not None else run_id, group)
+        extra = sticky_headers(sticky, subject, last_step) if sticky else None
+        self._check_size(body, value, f"{run_id}.{step_id}.0", extra)
         return subject, body, run_id, step_id, task_id
 
-    def _check_size(self, body: bytes, value: Any, msg_id: str) -> None:
+    def _check_size(
+        self, body: bytes, value: Any, msg_id: str, extra: Mapping[str, str] | None = None
+    ) -> None:
         """Refuse a task the server would refuse: body plus headers over ``max_payload``.
         (nats-py checks the body only; the server drops the connection of a publisher
         that sends more, which the caller would see as a timeout.)"""
         limit = self.nc.max_payload
-        hdrs = w.headers_size({"Nats-Msg-Id": msg_id})
+        hdrs = w.headers_size({"Nats-Msg-Id": msg_id, **(extra or {})})
         if not limit or len(body) + hdrs <= limit:
             return
         envelope = len(body) - len(w.dumps(value))
@@ -232,6 +254,8 @@ class Client:
         metadata: Mapping[str, str] | None = None,
         stream: bool = False,
         key: str | None = None,
+        sticky: str | None = None,
+        last_step: bool = False,
     ) -> TaskHandle:
         """Submit one task. ``input`` is JSON bytes or any JSON-serialisable value.
 
@@ -246,16 +270,44 @@ class Client:
         ``max_payload`` with its envelope and headers (the message gives the largest
         input that fits), ``NotProvisionedError`` when ``TASK_QUEUES`` is missing.
         ``stream=True`` subscribes to the task's partial results before publishing, so
-        ``handle.stream()`` sees every chunk."""
+        ``handle.stream()`` sees every chunk.
+
+        ``sticky="soft" | "hard"`` routes the run's steps to the worker that ran its
+        first sticky step (docs/sticky-assignment.md): soft falls back to any worker
+        when that one is gone, hard waits for it and fails (kind
+        ``sticky_worker_gone``) when it stays gone. ``last_step=True`` marks the run's
+        last step: its terminal outcome removes the run's binding. Raises
+        ``ConfigError`` for another ``sticky`` value and ``NotProvisionedError``
+        without KV ``sticky_bindings``."""
+        mode = validate_mode(sticky)
         producer = self.telemetry.start_producer(task_type, group)
         if producer is None:
             return await self._submit(
-                task_type, input, group, run_id, step_id, metadata, stream, key
+                task_type,
+                input,
+                group,
+                run_id,
+                step_id,
+                metadata,
+                stream,
+                key,
+                sticky=mode,
+                last_step=last_step,
             )
         span, trace = producer
         try:
             handle = await self._submit(
-                task_type, input, group, run_id, step_id, metadata, stream, key, trace
+                task_type,
+                input,
+                group,
+                run_id,
+                step_id,
+                metadata,
+                stream,
+                key,
+                trace,
+                sticky=mode,
+                last_step=last_step,
             )
         except BaseException as e:
             Telemetry.end_producer(span, error=e)
@@ -274,6 +326,9 @@ class Client:
         stream: bool,
         key: str | None,
         trace: tuple[str, str] | None = None,
+        *,
+        sticky: str | None = None,
+        last_step: bool = False,
     ) -> TaskHandle:
         subject, body, run_id, step_id, task_id = self._build(
             task_type,
@@ -284,13 +339,16 @@ class Client:
             metadata=metadata,
             key=key,
             trace=trace,
+            sticky=sticky,
+            last_step=last_step,
         )
+        subject, extra = await self._sticky_route(task_type, run_id, sticky, last_step, subject)
         chunk_sub = None
         if stream:
             chunk_sub = await self.nc.subscribe(n.stream_subject(run_id, step_id))
         try:
             ack = await self.pubacks.request(
-                subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
+                subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0", **extra}
             )
         except BaseException as e:
             if chunk_sub is not None:
@@ -335,6 +393,7 @@ class Client:
         spans: list[Any] = []
         try:
             for t in tasks:
+                mode = validate_mode(t.sticky)
                 producer = self.telemetry.start_producer(t.task_type, t.group)
                 if producer is not None:
                     spans.append(producer[0])
@@ -347,6 +406,8 @@ class Client:
                     key=t.key,
                     metadata=t.metadata,
                     trace=producer[1] if producer is not None else None,
+                    sticky=mode,
+                    last_step=t.last_step,
                 )
                 built.append((t, b, producer[0] if producer is not None else None))
         except BaseException as e:
@@ -360,8 +421,15 @@ class Client:
         handles: list[TaskHandle] = []
         ended = [0]  # producer spans ended so far (in order)
 
+        # sticky tasks go to their run's worker (docs/sticky-assignment.md)
+        routes = [
+            await self._sticky_route(t.task_type, b[2], validate_mode(t.sticky), t.last_step, b[0])
+            for t, b, _ in built
+        ]
+
         async def settle_oldest() -> None:
-            t, (subject, _, run_id, step_id, task_id), span = built[len(handles)]
+            t, (_, _, run_id, step_id, task_id), span = built[len(handles)]
+            subject = routes[len(handles)][0]
             try:
                 ack = await _translate(subject, pending.popleft())
             except BaseException as e:
@@ -379,10 +447,12 @@ class Client:
             )
 
         try:
-            for _, (subject, body, run_id, step_id, _), _ in built:
+            for (_, (_, body, run_id, step_id, _), _), (subject, extra) in zip(
+                built, routes, strict=True
+            ):
                 if len(pending) >= window:
                     await settle_oldest()
-                headers = {"Nats-Msg-Id": f"{run_id}.{step_id}.0"}
+                headers = {"Nats-Msg-Id": f"{run_id}.{step_id}.0", **extra}
                 pending.append(
                     await _translate(subject, self.pubacks.publish(subject, body, headers))
                 )

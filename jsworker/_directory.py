@@ -2,8 +2,10 @@
 refreshed every 30 s and deleted on stop. A worker that dies simply stops refreshing
 and its entry expires.
 
-Presence, separately from the entry: every worker answers requests on
-``jsworker.workers.{worker_id}.ping`` for as long as it runs. Asking costs no KV write,
+Presence, separately from the entry: a worker that is a member of an elastic group
+answers requests on ``jsworker.workers.{worker_id}.ping`` from before it joins until it
+stops (``ensure_presence``; only then, so a worker without partitioned handlers needs no
+permission for that subject). Asking costs no KV write,
 and the answer needs no clock: a reply means alive, the server's "no responders" means
 the worker's connection is gone (its process died or it is reconnecting), a timeout
 means it is stalled or cut off (then only the entry's age can tell). Partition members
@@ -29,7 +31,7 @@ from nats.js.kv import KeyValue
 
 from . import _names as n
 from ._aio import cancel_and_wait
-from ._errors import NotProvisionedError
+from ._errors import NotProvisionedError, ServerError
 from ._services import kv_snapshot
 from ._version import __version__
 from ._wire import dumps, now_rfc3339
@@ -41,6 +43,47 @@ REFRESH_EVERY = 30.0
 
 def ping_subject(worker_id: str) -> str:
     return f"jsworker.workers.{worker_id}.ping"
+
+
+_presence: dict[tuple[int, str], Subscription] = {}
+
+
+async def ensure_presence(nc: NATS, worker_id: str) -> None:
+    """Answer on the worker's presence subject from now on (once per connection and
+    worker; ``drop_presence`` ends it). Raises ``ServerError`` when the server refused the
+    subscription (a member nobody hears could be judged dead while it works)."""
+    key = (id(nc), worker_id)
+    if key in _presence:
+        return
+
+    async def pong(msg: Msg) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(worker_id.encode())
+
+    _presence[key] = await nc.subscribe(ping_subject(worker_id), cb=pong)
+    await nc.flush(timeout=5)
+    if nc.options.get("no_echo"):
+        return  # our own request could not reach our own subscription
+    state = await probe(nc, worker_id, timeout=2.0)
+    if state == "gone":
+        await drop_presence(nc, worker_id)
+        raise ServerError(
+            f"the server refused a subscription to {ping_subject(worker_id)}; partition "
+            "members must subscribe and publish on jsworker.workers.*.ping (docs/security.md)"
+        )
+    if state == "silent":
+        log.warning(
+            "no answer on our own presence subject %s: may this user publish there?",
+            ping_subject(worker_id),
+        )
+
+
+async def drop_presence(nc: NATS, worker_id: str) -> None:
+    sub = _presence.pop((id(nc), worker_id), None)
+    if sub is not None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 async def probe(nc: NATS, worker_id: str, timeout: float = 1.0) -> str:
@@ -71,7 +114,6 @@ class Directory:
         self.refresh_every = refresh_every
         self.kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
-        self._ping: Subscription | None = None
 
     def entry(self) -> dict[str, Any]:
         base: dict[str, Any] = {
@@ -93,16 +135,8 @@ class Directory:
                 f"KV bucket {n.WORKERS_BUCKET!r} (the worker directory) does not exist: "
                 "run `jsworker kv setup` (or jsworker.setup_all(nc))"
             ) from None
-        # present before joining anything: a member that does not answer may be removed
-        self._ping = await self.nc.subscribe(ping_subject(self.worker_id), cb=self._pong)
-        await self.nc.flush(timeout=5)
         await self.refresh()
         self._task = self.spawn("directory", self._loop)
-
-    async def _pong(self, msg: Msg) -> None:
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await msg.respond(self.worker_id.encode())
 
     async def refresh(self) -> None:
         assert self.kv is not None
@@ -119,10 +153,7 @@ class Directory:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        if self._ping is not None:
-            with contextlib.suppress(Exception):
-                await self._ping.unsubscribe()
-            self._ping = None
+        await drop_presence(self.nc, self.worker_id)  # if a partition member started it
         if self.kv is not None:
             with contextlib.suppress(Exception):
                 await self.kv.delete(self.worker_id)

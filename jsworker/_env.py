@@ -21,6 +21,7 @@ from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ._handler import HandlerRuntime
+    from ._sticky import StickySettings
 
 
 class Executes(Protocol):
@@ -50,3 +51,7 @@ class RuntimeEnv:
     executor: Executes
     #: called after this worker's partitions changed (refreshes the directory entry)
     on_membership_change: Callable[[], Awaitable[None]]
+    #: sticky assignment timeouts (the worker's sticky runtime, ``_sticky.py``)
+    sticky: StickySettings
+    #: the running handler runtime of a task type, if any (sticky tasks are run by it)
+    runtime_of: Callable[[str], HandlerRuntime | None]

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from . import _wire as w
 from ._context import Outcome, TaskCancelledError, TaskContext, TaskInfo
 from ._errors import PayloadError, PermanentError, RetryableError
+from ._gate import Admission, Gate
 from ._handler import HandlerRuntime, HandlerSpec
 from ._outcomes import OutcomeRecorder, attempt_suffix
 from ._retry import clamp_retry_after
@@ -49,6 +50,7 @@ class Executor:
         stats: WorkerStats,
         telemetry: Telemetry,
         is_cancelled: Callable[[str], str | None],
+        gate: Gate | None = None,
     ) -> None:
         self.recorder = recorder
         self.services = services
@@ -56,6 +58,8 @@ class Executor:
         self.telemetry = telemetry
         #: ``is_cancelled(run_id) -> reason | None`` (the cancel watcher's records)
         self.is_cancelled = is_cancelled
+        #: sticky binding and rate limits, before the handler runs (``_gate.py``)
+        self.gate = gate
         self._running: dict[str, set[tuple[TaskContext, asyncio.Task[Any] | None]]] = {}
         #: executions running per (task type, handler version)
         self.running_versions: dict[tuple[str, int], int] = {}
@@ -101,6 +105,15 @@ class Executor:
                 rt.spec, info, payload, msg, Outcome("cancelled", error=reason), checkpointed=True
             )
             return
+        adm: Admission | None = None
+        if self.gate is not None and self.gate.applies(rt, msg):
+            adm = await self.gate.admit(rt, msg, info, payload.input)
+            if adm is None:
+                return  # deferred by a rate limit (nak'ed; the attempt is kept)
+            info = adm.info
+            if adm.failure is not None:
+                await self._gate_failure(rt, info, payload, msg, adm)
+                return
         while True:
             spec = rt.spec  # the code as of now: a replacement applies from here
             ran = await self._attempt(rt, spec, info, payload, msg)
@@ -142,6 +155,8 @@ class Executor:
                 chunks=ctx.chunks_sent,
                 checkpointed=ctx._checkpointed,
             )
+            if adm is not None and self.gate is not None:
+                await self.gate.finished(spec, adm, outcome, msg)
         except Exception as e:
             # apply() raises only when it left the task for redelivery on purpose: the
             # outcome could not be recorded for a transient reason (server gone?). The
@@ -154,6 +169,19 @@ class Executor:
                 info.attempt,
                 e,
             )
+
+    async def _gate_failure(
+        self, rt: HandlerRuntime, info: TaskInfo, payload: w.TaskPayload, msg: Msg, adm: Admission
+    ) -> None:
+        """End a task the gate refused (a hard-sticky task whose worker is gone, a task
+        without its rate-limit key) as a terminal failure of the gate's kind."""
+        assert adm.failure is not None and self.gate is not None
+        outcome, kind = adm.failure
+        try:
+            await self.recorder.terminal(False, rt.spec, info, payload, msg, outcome, kind)
+            await self.gate.finished(rt.spec, adm, outcome, msg)
+        except Exception as e:  # not settled: redelivered, and recorded then (dedup ids)
+            log.error("recording %s of %s/%s failed: %s", kind, info.run_id, info.step_id, e)
 
     async def _attempt(
         self,

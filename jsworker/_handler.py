@@ -24,6 +24,7 @@ from ._duration import Duration, seconds
 from ._env import RuntimeEnv
 from ._errors import ConfigError, ConsumerConflictError, NotProvisionedError, ServerError
 from ._pull import PullLoop, Slots
+from ._ratelimit import RateLimit, check_limit
 from ._retry import RetryPolicy
 
 log = logging.getLogger("jsworker.handler")
@@ -46,6 +47,8 @@ class HandlerSpec:
     ``partitions``: elastic partitions 1-256 (0: one shared consumer); ``singleton`` is
     one partition with at most one task running at a time.
     ``version``: 1, then +1 each time the handler's code is replaced on a live worker.
+    ``rate_limit`` / ``key_rate_limit``: :class:`~jsworker.RateLimit` for the whole
+    task type / per key (default: none); checked before the handler runs.
     """
 
     task_type: str
@@ -58,6 +61,8 @@ class HandlerSpec:
     concurrency: int | None = None
     partitions: int = 0
     version: int = 1
+    rate_limit: RateLimit | None = None
+    key_rate_limit: RateLimit | None = None
 
     @property
     def needs_new_consumer(self) -> tuple[object, ...]:
@@ -89,6 +94,8 @@ def make_spec(
     singleton: bool = False,
     concurrency: int | None = None,
     partitions: int = 0,
+    rate_limit: object = None,
+    key_rate_limit: object = None,
 ) -> HandlerSpec:
     n.validate_task_type(task_type)
     if not callable(fn):
@@ -107,6 +114,8 @@ def make_spec(
     ):
         raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
     partitions = 1 if singleton else validate_partitions(partitions)
+    rl = check_limit(rate_limit, "rate_limit", keyed=False)
+    krl = check_limit(key_rate_limit, "key_rate_limit", keyed=True)
     return HandlerSpec(
         task_type,
         fn,
@@ -117,6 +126,8 @@ def make_spec(
         singleton,
         concurrency,
         partitions,
+        rate_limit=rl,
+        key_rate_limit=krl,
     )
 
 
@@ -291,8 +302,14 @@ class HandlerRuntime:
         return list(self.inflight.values())
 
     def task_subject(self, msg: Msg) -> str:
-        """The task's subject on ``task.>`` (partitioned streams prefix a partition)."""
-        return msg.subject
+        """The task's subject on ``task.>`` (partitioned streams prefix a partition; a
+        sticky task's is its ``Jsworker-Task-Subject`` header)."""
+        s = msg.subject
+        if s.startswith("sticky."):
+            from ._sticky import home_subject  # _sticky builds on this module
+
+            return home_subject(s, msg.headers)
+        return s
 
     def describe(self) -> dict[str, object]:
         """Partitions held, by elastic group (empty when not partitioned)."""

@@ -155,3 +155,34 @@ def new_run_id() -> str:
 
 def new_task_id() -> str:
     return secrets.token_hex(12)
+
+
+# ------------------------------------------------------------------ worker ids
+MAX_WORKER_ID_LEN = 64
+_WORKER_ID = re.compile(r"[A-Za-z0-9_=-]+")
+
+
+def validate_worker_id(value: object) -> str:
+    """Return ``value`` if it can be a worker id, else raise :class:`InvalidNameError`.
+
+    A worker id is a key in the KV bucket ``workers`` and a subject token (partition
+    member and consumer names derive from it), so it is 1-64 characters from
+    ``A-Z a-z 0-9 - _ =``: the characters both a NATS KV key and a subject token accept,
+    without ``.`` (a subject separator) and ``/``. The default, ``worker-{16 hex}``,
+    is 23 characters.
+    """
+    if not isinstance(value, str):
+        raise InvalidNameError(f"worker id must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidNameError("worker id must not be empty")
+    if len(value) > MAX_WORKER_ID_LEN:
+        raise InvalidNameError(
+            f"worker id {value[:20]!r}... is {len(value)} characters, more than {MAX_WORKER_ID_LEN}"
+        )
+    if not _WORKER_ID.fullmatch(value):
+        bad = next(ch for ch in value if not _WORKER_ID.fullmatch(ch))
+        raise InvalidNameError(
+            f"worker id {value!r} contains {bad!r}; worker ids are KV keys and subject "
+            "tokens: use only letters, digits, '-', '_' and '='"
+        )
+    return value

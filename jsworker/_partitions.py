@@ -59,7 +59,7 @@ from nats.js.kv import KeyValue
 
 from . import _names as n
 from ._aio import cancel_and_wait
-from ._directory import probe
+from ._directory import ensure_presence, probe
 from ._env import RuntimeEnv
 from ._errors import NotProvisionedError, ServerError
 from ._handler import HandlerRuntime, HandlerSpec
@@ -198,6 +198,7 @@ class ElasticMember:
     # ------------------------------------------------------------- start-up
     async def start(self) -> None:
         self.kv = await _kv(self.env)
+        await ensure_presence(self.env.nc, self.me)  # answer before joining
         await self._ensure_config()
         await self._ensure_stream()
         self.config = await cas_update(
@@ -555,8 +556,11 @@ class ElasticMember:
         let two members run one key at once. The server drops a closed connection's pull
         requests at once."""
         info = await self._api(f"CONSUMER.INFO.{self.stream}.{member}", None)
-        if info.get("error"):
-            return False  # no consumer: nothing to fence
+        err = info.get("error")
+        if err:
+            # no consumer: nothing to fence; any other error (an API timeout under load)
+            # tells nothing, so the member is kept until a later round can look
+            return bool(err.get("err_code") != 10014)
         if info.get("num_waiting"):
             return True
         now = time.time()

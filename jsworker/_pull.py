@@ -36,6 +36,7 @@ DESCRIPTION = "Description"
 PENDING_MSGS = "Nats-Pending-Messages"
 #: seconds between pull requests while the consumer has no leader (status 503)
 NO_RESPONDERS_PAUSE = 0.5
+MAX_EXPIRED = 1024
 
 
 class Slots:
@@ -155,6 +156,8 @@ class PullLoop:
         self._stopping = False
         self._wake = asyncio.Event()
         self._pause_until = 0.0
+        #: requests given up at their deadline (a late status must not release twice)
+        self._expired: set[str] = set()
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 
     @property
@@ -215,6 +218,12 @@ class PullLoop:
             return
         rid = msg.subject[len(self._inbox) + 1 :]
         req = self._requests.pop(rid, None)
+        if req is None and rid in self._expired:
+            # we gave this request up at its deadline and released its credits then;
+            # releasing its pending count again would free credits other requests hold
+            self._expired.discard(rid)
+            self._wake.set()
+            return
         if code == "408" and req is not None and req.remaining == req.batch:
             self.want = 1  # expired with nothing delivered: idle, park one credit only
         # Every status but 100 ends its request: give back what it did not deliver. Not
@@ -300,6 +309,9 @@ class PullLoop:
             if r.deadline < now:
                 self._requests.pop(rid, None)
                 self._release(r.remaining)
+                if len(self._expired) >= MAX_EXPIRED:
+                    self._expired.clear()  # very late statuses: rare, and only these
+                self._expired.add(rid)
 
     def _release(self, k: int) -> None:
         """Give back ``k`` reserved-but-undelivered slots (never more than reserved)."""

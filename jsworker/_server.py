@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -58,6 +59,34 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out by itself (bind to port 0, outgoing connections)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 49152, 65535  # the IANA dynamic range (macOS, Windows)
+
+
+def stable_port(host: str = "127.0.0.1", *, avoid: Sequence[int] = ()) -> int:
+    """A free port *below* the kernel's ephemeral range, for a server that must come back
+    on the same port after it was killed. A port from :func:`free_port` is one the kernel
+    hands out again at any time, to another process binding port 0 or to any outgoing
+    connection's local end; while its server is down (a failover test kills a node and
+    restarts it some seconds later) something else on a busy machine can take it, and the
+    restart fails with "address already in use". The kernel never picks a port below its
+    ephemeral range by itself. Falls back to :func:`free_port` if that range starts too
+    low to leave room."""
+    lo, _ = _ephemeral_range()
+    if lo > 4096:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(lo // 2, lo)
+            if port not in avoid and not port_in_use(port, host):
+                return port
+    return free_port(host)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -283,7 +312,11 @@ class EmbeddedServer:
 
 
 class EmbeddedCluster:
-    """*n* JetStream servers routed together on loopback (default 3)."""
+    """*n* JetStream servers routed together on loopback (default 3).
+
+    Client and route ports come from :func:`stable_port`, so a node that was killed can
+    be started again on the same ports (``servers[i].kill()``, then ``servers[i].start()``)
+    however many ports other processes take meanwhile."""
 
     def __init__(self, size: int = 3, *, name: str = "jsw-cluster", startup_timeout: float = 30.0):
         if size < 1:
@@ -292,11 +325,15 @@ class EmbeddedCluster:
         self.cluster_name = name
         self.startup_timeout = startup_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="jsworker-cluster-")
-        cports = [free_port() for _ in range(size)]
+        ports: list[int] = []
+        for _ in range(2 * size):
+            ports.append(stable_port(avoid=ports))
+        cports = ports[size:]
+        self.route_ports = cports
         self.servers: list[EmbeddedServer] = []
         for i in range(size):
             srv = EmbeddedServer(
-                port=None,
+                port=ports[i],
                 store_dir=Path(self._tmp.name) / f"n{i}",
                 name=f"{name}-n{i}",
                 startup_timeout=startup_timeout,
@@ -382,4 +419,10 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-__all__: Sequence[str] = ("EmbeddedCluster", "EmbeddedServer", "find_nats_server", "free_port")
+__all__: Sequence[str] = (
+    "EmbeddedCluster",
+    "EmbeddedServer",
+    "find_nats_server",
+    "free_port",
+    "stable_port",
+)

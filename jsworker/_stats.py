@@ -17,6 +17,7 @@ class WorkerStats:
     continued: int = 0
     cancelled: int = 0
     nacked_on_stop: int = 0
+    rate_limited: int = 0  # deferred (nak'ed) by a rate limit, attempt kept
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -40,7 +40,11 @@ INVALID_PAYLOAD = "invalid_payload"
 #: the outcome could never be recorded as it was (too large, invalid subject, encoding),
 #: or not within the bounded number of deliveries: recorded as this failure instead
 UNRECORDABLE = "unrecordable"
-TERMINAL_KINDS = frozenset({NON_RETRIABLE, EXHAUSTED, INVALID_PAYLOAD, UNRECORDABLE})
+#: a hard-sticky task whose worker was gone for longer than the limit (docs/wire.md)
+STICKY_WORKER_GONE = "sticky_worker_gone"
+TERMINAL_KINDS = frozenset(
+    {NON_RETRIABLE, EXHAUSTED, INVALID_PAYLOAD, UNRECORDABLE, STICKY_WORKER_GONE}
+)
 
 #: the largest iteration a body may carry (Go's int32 range, far past any max_iterations)
 MAX_ITERATION = 2**31 - 1

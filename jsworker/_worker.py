@@ -25,6 +25,7 @@ from ._duration import Duration, seconds
 from ._env import RuntimeEnv
 from ._errors import ConfigError, LifecycleError, WorkerFailedError
 from ._executor import Executor
+from ._gate import Gate
 from ._handler import (
     DEFAULT_ACK_WAIT,
     MAX_PARTITIONS,
@@ -37,16 +38,35 @@ from ._outcomes import OutcomeRecorder
 from ._partitions import PartitionedRuntime
 from ._provision import require_stream
 from ._pull import Slots
+from ._ratelimit import DEFAULT_HOLD, Limiter
 from ._retry import RetryPolicy
 from ._services import Services
 from ._stats import WorkerHealth, WorkerStats
+from ._sticky import (
+    DEFAULT_HARD_TIMEOUT,
+    DEFAULT_SOFT_TIMEOUT,
+    MAX_HARD_TIMEOUT,
+    STICKY_KEY,
+    STICKY_SPEC,
+    StickyRuntime,
+    StickySettings,
+)
 from ._supervisor import Supervisor
 from ._telemetry import Telemetry
 
 log = logging.getLogger("jsworker.worker")
 F = TypeVar("F", bound=Callable[..., Any])
 HANDLER_OPTIONS = frozenset(
-    {"ack_wait", "retry", "max_iterations", "concurrency", "partitions", "singleton"}
+    {
+        "ack_wait",
+        "retry",
+        "max_iterations",
+        "concurrency",
+        "partitions",
+        "singleton",
+        "rate_limit",
+        "key_rate_limit",
+    }
 )
 
 __all__ = ["MAX_PARTITIONS", "Worker"]
@@ -83,6 +103,14 @@ class Worker:
             its entry is older than 3x this (at most 60 s, the bucket TTL). A member
             whose process died is found by its closed connection within about 7 s
             whatever this is (see docs/partitions.md, "Failover").
+        sticky_soft_timeout: a soft-sticky task that its bound worker has not pulled
+            within this long, or whose worker is gone, runs on another worker (default
+            10 s; docs/sticky-assignment.md).
+        sticky_hard_timeout: a hard-sticky task whose bound worker has been gone this
+            long fails with kind ``sticky_worker_gone`` (default 5 min, at most 25 min).
+        rate_limit_hold: a task over its rate limit whose next token is due within this
+            long is held (its lease renewed) instead of nak'ed (default 2 s;
+            docs/rate-limiting.md).
 
     Handlers may be registered before or after :meth:`start`; on a running worker a
     registration goes live at once (see :meth:`handle`). ``start`` with no handlers is
@@ -106,6 +134,9 @@ class Worker:
         pull_expires: Duration = 5.0,
         worker_id: str | None = None,
         heartbeat_interval: Duration = 30.0,
+        sticky_soft_timeout: Duration = DEFAULT_SOFT_TIMEOUT,
+        sticky_hard_timeout: Duration = DEFAULT_HARD_TIMEOUT,
+        rate_limit_hold: Duration = DEFAULT_HOLD,
     ) -> None:
         if nc is None:
             raise ConfigError("Worker needs a connected NATS client (nc is None)")
@@ -139,9 +170,7 @@ class Worker:
         self.grace_period = seconds(grace_period, name="grace_period")
         self.batch = min(batch, concurrency)
         self.pull_expires = seconds(pull_expires, name="pull_expires", minimum=0.1, maximum=60)
-        self.worker_id = (
-            n.validate_token(worker_id, "worker id") if worker_id else n.new_worker_id()
-        )
+        self.worker_id = n.new_worker_id() if worker_id is None else n.validate_worker_id(worker_id)
         self.heartbeat_interval = seconds(
             heartbeat_interval, name="heartbeat_interval", minimum=0.05, maximum=30.0
         )
@@ -149,6 +178,18 @@ class Worker:
         # not refreshed for this long is dead; never more than the directory bucket's 60 s
         # TTL, after which the entry is gone anyway
         self.liveness = min(60.0, 3 * self.heartbeat_interval)
+        self.sticky = StickySettings(
+            seconds(sticky_soft_timeout, name="sticky_soft_timeout", minimum=0.1),
+            seconds(
+                sticky_hard_timeout,
+                name="sticky_hard_timeout",
+                minimum=0.1,
+                maximum=MAX_HARD_TIMEOUT,
+            ),
+        )
+        self.rate_limit_hold = seconds(
+            rate_limit_hold, name="rate_limit_hold", allow_zero=True, maximum=60.0
+        )
         self.stats = WorkerStats()
         self.health = WorkerHealth()
         self.services = Services(nc)
@@ -234,6 +275,8 @@ class Worker:
             singleton=singleton,
             concurrency=options.get("concurrency"),
             partitions=options.get("partitions", self.partitions),
+            rate_limit=options.get("rate_limit"),
+            key_rate_limit=options.get("key_rate_limit"),
         )
         old = self._specs.get(task_type)
         if old is not None:
@@ -332,8 +375,16 @@ class Worker:
             await self.services.bind_optional()
             sup = self._supervisor = Supervisor(self.nc, self.health)
             self._cancels = CancelWatcher(self.services.signals, lambda r, why: None, sup.spawn)
+            gate = Gate(
+                self.js, self.worker_id, Limiter(self.js, hold=self.rate_limit_hold), self.stats
+            )
             executor = self._executor = Executor(
-                self.recorder, self.services, self.stats, self.telemetry, self._cancels.reason
+                self.recorder,
+                self.services,
+                self.stats,
+                self.telemetry,
+                self._cancels.reason,
+                gate,
             )
             self._cancels.on_cancel = executor.on_cancel
             await self._cancels.start()
@@ -351,6 +402,8 @@ class Worker:
                 supervisor=sup,
                 executor=executor,
                 on_membership_change=self._refresh_directory,
+                sticky=self.sticky,
+                runtime_of=self._handler_runtime,
             )
             self._directory = Directory(
                 self.nc, self.worker_id, self._describe, sup.spawn, self.heartbeat_interval
@@ -366,9 +419,22 @@ class Worker:
 
     def _runtime_for(self, spec: HandlerSpec) -> HandlerRuntime:
         assert self._env is not None
+        if spec is STICKY_SPEC:
+            return StickyRuntime(self._env)
         if spec.partitions:
             return PartitionedRuntime(self._env, spec)
         return HandlerRuntime(self._env, spec)
+
+    def _handler_runtime(self, task_type: str) -> HandlerRuntime | None:
+        return None if task_type == STICKY_KEY else self._runtimes.get(task_type)
+
+    def _wanted(self) -> dict[str, HandlerSpec]:
+        """The runtimes this worker should run: one per registered handler, plus the
+        sticky runtime (this worker's sticky consumer and sweep) while it has any,
+        first, so its consumer exists before the handlers pull."""
+        if not self._specs:
+            return self._specs
+        return {STICKY_KEY: STICKY_SPEC, **self._specs}
 
     def _describe(self) -> dict[str, Any]:
         held: dict[str, object] = {}
@@ -409,11 +475,12 @@ class Worker:
 
     def _pending_change(self) -> tuple[str, str] | None:
         """The next change that needs I/O: ``("drain" | "start", task_type)``."""
+        wanted = self._wanted()
         for t, rt in self._runtimes.items():
-            spec = self._specs.get(t)
+            spec = wanted.get(t)
             if spec is None or spec.needs_new_consumer != rt.spec.needs_new_consumer:
                 return ("drain", t)
-        for t in self._specs:
+        for t in wanted:
             if t not in self._runtimes:
                 return ("start", t)
         return None
@@ -433,7 +500,7 @@ class Worker:
                     del self._runtimes[t]
                     log.info("handler %s removed from this worker", t)
                 else:
-                    await self._start_runtime(self._specs[t])
+                    await self._start_runtime(self._wanted()[t])
                 await self._refresh_quietly()
                 self._converge()  # swaps registered meanwhile
 

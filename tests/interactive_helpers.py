@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
+
+from jsworker import EmbeddedServer
 
 
 @dataclass
@@ -115,3 +117,25 @@ async def spawn_serve(env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         *SERVE, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
+
+
+def own_server() -> Iterator[EmbeddedServer]:
+    """A provisioned server for one test module. The interactive tests override the
+    session-wide ``server`` fixture with it, so the many task types they create do not
+    crowd the shared server (``jsworker top`` lists every type it has seen)."""
+    import nats
+
+    import jsworker
+
+    srv = EmbeddedServer().start_sync()
+
+    async def provision() -> None:
+        nc = await nats.connect(srv.url)
+        try:
+            await jsworker.setup_all(nc)
+        finally:
+            await nc.close()
+
+    asyncio.run(provision())
+    yield srv
+    srv.stop_sync()

@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from interactive_helpers import wait_for
+from interactive_helpers import own_server, wait_for
 
 import jsworker
 from jsworker import EmbeddedServer
 from jsworker.interactive import Session, connect, try_dead
 from jsworker.interactive._dead_loop import LocalRunError
 from jsworker.interactive._magics import run_magic, state
+
+# this module's own server (see interactive_helpers.own_server); `nc` follows it
+server = pytest.fixture(scope="module", name="server")(own_server)
 
 
 @pytest.fixture

@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interactive_helpers import Kernel
+from interactive_helpers import Kernel, own_server
 from nats.aio.client import Client as NATS
 
 import jsworker
 from jsworker import EmbeddedServer
+from jsworker.cli._partitions import group_view
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# this module's own server (see interactive_helpers.own_server); `nc` follows it
+server = pytest.fixture(scope="module", name="server")(own_server)
 
 
 def kernel_env(server: EmbeddedServer) -> dict[str, str]:
@@ -88,11 +92,14 @@ async def test_kernel_shutdown_leaves_the_directory(
         await k.ok("%load_ext jsworker")
         await k.ok(f"%jsworker connect {server.url}")
         wid = (await k.ok("session.worker.worker_id")).text.strip("'")
-        await k.ok(f"session.handle({unique('sd')!r}, lambda ctx: 1, partitions=2)")
+        t = unique("sd")
+        await k.ok(f"session.handle({t!r}, lambda ctx: 1, partitions=2)")
         assert wid in {w["worker_id"] for w in await jsworker.list_workers(nc)}
+        assert (await group_view(nc, t))["members"] == [wid]
     finally:
         await k.stop()  # a shutdown request, as Jupyter sends it
     assert wid not in {w["worker_id"] for w in await jsworker.list_workers(nc)}
+    assert (await group_view(nc, t))["members"] == []  # the group was left at once
 
 
 async def test_consumer_failure_raises_in_the_defining_cell(
@@ -209,8 +216,6 @@ async def test_sigkilled_kernel_is_swept_by_liveness(
     import time
 
     from interactive_helpers import wait_for
-
-    from jsworker.cli._partitions import group_view
 
     t = unique("kill")
     other = jsworker.Worker(nc, partitions=4, heartbeat_interval=1.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import nats
 import pexpect
 import pytest
+from interactive_helpers import own_server
 
 import jsworker
 from jsworker import EmbeddedServer
@@ -23,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROMPT = ">>>"
 MORE = r"\.\.\."
+
+# this module's own server (see interactive_helpers.own_server); `nc` follows it
+server = pytest.fixture(scope="module", name="server")(own_server)
 
 
 class Screen:

@@ -6,10 +6,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from interactive_helpers import own_server
 
 import jsworker
 from jsworker import EmbeddedServer
 from jsworker.interactive import Session, connect
+
+# this module's own server (see interactive_helpers.own_server); `nc` follows it
+server = pytest.fixture(scope="module", name="server")(own_server)
 
 
 @pytest.fixture

@@ -316,3 +316,21 @@ def test_fmt_age() -> None:
 async def test_queues_without_streams(fresh_server: EmbeddedServer) -> None:
     env = {**os.environ, "NATS_URL": fresh_server.url}
     one_line_error(await acli("queues", env=env), "jsworker kv setup")
+
+
+async def test_dead_hostile_wire_strings_are_escaped(
+    nc: NATS, server_env: dict[str, str], unique: Callable[[str], str]
+) -> None:
+    ttype = unique("evil")
+    evil = "\x1b[2Jwiped\u202eeliv\nline two\x07"
+    seq = await put(
+        nc,
+        f"dead.{ttype}.run-e.main",
+        record(ttype, "run-e", error=evil, worker_id="w\x1b]0;title\x07", traceback=evil),
+    )
+    for args in (["dead", "list", "--type", ttype], ["dead", "show", str(seq)]):
+        p = await acli(*args, env=server_env)
+        assert p.returncode == 0, p.stderr
+        assert "\x1b" not in p.stdout and "\u202e" not in p.stdout and "\x07" not in p.stdout
+        assert "\\x1b[2Jwiped\\u202eeliv" in p.stdout
+    assert "\\x1b]0;title\\x07" in p.stdout  # show: the worker id, escaped

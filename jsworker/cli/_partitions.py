@@ -30,7 +30,7 @@ from .._pcg_config import (
 )
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run, with_nc
-from ._output import CLIError, console, print_json
+from ._output import CLIError, console, print_json, safe_text
 
 
 async def _kv(nc: NATS) -> Any:
@@ -103,17 +103,19 @@ async def group_view(nc: NATS, cg: str, stream: str = n.TASK_STREAM) -> dict[str
 
 
 def _render(view: dict[str, Any]) -> Table:
-    t = Table(
-        title=f"{view['group']}  ({view['max_members']} partitions, "
-        f"{len(view['members']) or len(view['member_mappings'])} members, "
-        f"revision {view['revision']})"
+    t = Table(  # names come from the KV entry: plain text, control characters escaped
+        title=safe_text(
+            f"{view['group']}  ({view['max_members']} partitions, "
+            f"{len(view['members']) or len(view['member_mappings'])} members, "
+            f"revision {view['revision']})"
+        )
     )
     for col in ("partition", "member", "consuming", "pinned", "pending"):
         t.add_column(col, justify="right" if col in ("partition", "pending") else "left")
     for p in view["partitions"]:
         t.add_row(
             str(p["partition"]),
-            Text(p["member"]) if p["member"] else Text("unassigned", style="red"),
+            safe_text(p["member"]) if p["member"] else Text("unassigned", style="red"),
             Text("yes", style="green") if p["consuming"] else Text("no", style="yellow"),
             "yes" if p["pinned"] else "no",
             str(p["pending"]),
@@ -166,15 +168,15 @@ def list_groups(conn: ConnOptions, as_json: bool) -> None:
     if as_json:
         print_json(groups)
         return
-    t = Table(title=f"{len(groups)} elastic group(s)")
+    t = Table(title=Text(f"{len(groups)} elastic group(s)"))
     for col in ("group", "partitions", "members", "filters"):
         t.add_column(col)
     for g in groups:
         t.add_row(
-            g["group"],
-            str(g.get("max_members", "?")),
+            safe_text(g["group"]),
+            safe_text(g.get("max_members", "?")),
             "mappings" if g.get("mapped") else str(len(g.get("members", []))),
-            ", ".join(g.get("filters", [])) or g.get("error", ""),
+            safe_text(", ".join(g.get("filters", [])) or g.get("error", "")),
         )
     console.print(t)
 

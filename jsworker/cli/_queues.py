@@ -36,7 +36,7 @@ from .._errors import NotProvisionedError
 from .._pcg_config import ElasticConfig, PartitionConfigError, group_stream
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run, with_nc
-from ._output import console, print_json
+from ._output import console, print_json, safe_text
 
 _GROUP_SEP = "__g_"
 _API_TIMEOUT = 5.0
@@ -283,8 +283,8 @@ def render(rows: list[QueueRow], title: str) -> Table:
     for r in rows:
         nobody = not r.consumers and r.partitions is None
         t.add_row(
-            Text(r.task_type),
-            Text(r.group or "-"),
+            safe_text(r.task_type),
+            safe_text(r.group or "-"),
             Text(str(r.queued), style="bold yellow" if r.queued and nobody else ""),
             str(r.in_flight),
             str(r.redelivered),
@@ -292,7 +292,7 @@ def render(rows: list[QueueRow], title: str) -> Table:
             Text(str(len(r.consumers)) if r.consumers else "none", style="red" if nobody else ""),
             str(r.waiting_pulls),
             "-" if r.partitions is None else ("?" if r.partitions < 0 else str(r.partitions)),
-            Text(", ".join(r.members) or "-"),
+            safe_text(", ".join(r.members) or "-"),
         )
     return t
 
@@ -319,4 +319,5 @@ def queues(conn: ConnOptions, as_json: bool) -> None:
         print_json([r.as_dict() for r in rows])
         return
     took = time.monotonic() - started
-    console.print(render(rows, f"{len(rows)} queue(s) on {conn.url}  ({took * 1000:.0f} ms)"))
+    title = f"{len(rows)} queue(s) on {conn.display_url}  ({took * 1000:.0f} ms)"
+    console.print(render(rows, title))

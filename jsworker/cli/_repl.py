@@ -7,8 +7,6 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..interactive._repl import run_repl
-from ..interactive._session import Session, connect, dev_group
 from ._connect import ConnOptions, library_errors, pass_conn, run
 
 
@@ -61,6 +59,10 @@ def repl(
       jsworker repl --url nats://127.0.0.1:4222 --dev
       NATS_URL=nats://nats:4222 jsworker repl --group dev-alice
     """
+    # imported here: prompt-toolkit is not needed by the other commands
+    from ..interactive._repl import run_repl
+    from ..interactive._session import Session, connect, dev_group
+
     if dev and group:
         raise click.UsageError("give --group or --dev, not both")
     url = repl_url

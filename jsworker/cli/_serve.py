@@ -250,7 +250,7 @@ def serve(
                 worker = await build_worker(obj, nc, conn)
                 if telemetry is not None:
                     worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
-                await serve_worker(worker, grace=grace, url=conn.url, signals=signals)
+                await serve_worker(worker, grace=grace, url=conn.display_url, signals=signals)
             finally:
                 for client in {c for c in (nc, worker.nc if worker else None) if c is not None}:
                     try:

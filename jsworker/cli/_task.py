@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from typing import Any
@@ -22,7 +21,7 @@ from .._services import CHUNK_SEQ
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
 from ._input import parse_metadata, read_json_arg
 from ._otel import otel_console_option, otel_session
-from ._output import compact, console, err, event_text, print_json
+from ._output import compact, console, err, event_text, print_json, print_json_line, safe
 
 #: tasks per ``submit_many`` call of ``submit --count``
 SUBMIT_CHUNK = 10_000
@@ -46,6 +45,7 @@ def task_group() -> None:
 @click.option(
     "--run-id", help="Run id  [default: a new one; the same run id twice is deduplicated]"
 )
+@click.option("--step-id", help="Step id  [default: the task type]")
 @click.option("--key", help="Partition key for partitioned handlers  [default: the run id]")
 @click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
 @click.option("--wait", is_flag=True, help="Wait for the outcome; exit 1 if the task failed.")
@@ -58,6 +58,17 @@ def task_group() -> None:
     default=1,
     help="Submit this many tasks (each its own run), pipelined: load from the CLI.",
 )
+@click.option(
+    "--sticky",
+    type=click.Choice(["soft", "hard"]),
+    help="Run this step on the worker that ran the run's first sticky step "
+    "(soft: or any worker when it is gone; hard: wait for it, fail when it stays gone).",
+)
+@click.option(
+    "--last-step",
+    is_flag=True,
+    help="With --sticky: the run's last step; its outcome removes the run's binding.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @otel_console_option
 @pass_conn
@@ -67,11 +78,14 @@ def submit(
     input: str | None,
     group: str | None,
     run_id: str | None,
+    step_id: str | None,
     key: str | None,
     metadata: tuple[str, ...],
     wait: bool,
     timeout: float,
     count: int,
+    sticky: str | None,
+    last_step: bool,
     as_json: bool,
     otel_console: bool,
 ) -> None:
@@ -89,15 +103,20 @@ def submit(
       echo '{"n": 3}' | jsworker task submit fib - --wait --json
       jsworker task submit charge-card '{"amount": 5}' --run-id order-42 -m tenant=acme
       jsworker task submit noop --count 100000 --json   # load: prints tasks/s
+      jsworker task submit embed @chunk.json --run-id doc-7 --step-id s2 --sticky soft
     """
-    if count > 1 and (run_id is not None or wait):
-        raise click.UsageError("--count cannot be combined with --run-id or --wait")
+    if count > 1 and (run_id is not None or wait or sticky):
+        raise click.UsageError("--count cannot be combined with --run-id, --wait or --sticky")
+    if last_step and sticky is None:
+        raise click.UsageError("--last-step needs --sticky")
     with library_errors():
         n.validate_task_type(task_type)
         if group is not None:
             n.validate_group(group)
         if run_id is not None:
             n.validate_token(run_id, "run id")
+        if step_id is not None:
+            n.validate_step_id(step_id)
     value = read_json_arg(input)
     meta = parse_metadata(metadata)
     if count > 1:
@@ -106,7 +125,15 @@ def submit(
 
     async def go(nc: NATS) -> dict[str, Any]:
         h = await Client(nc, telemetry=telemetry).submit(
-            task_type, value, group=group, run_id=run_id, metadata=meta, key=key
+            task_type,
+            value,
+            group=group,
+            run_id=run_id,
+            step_id=step_id,
+            metadata=meta,
+            key=key,
+            sticky=sticky,
+            last_step=last_step,
         )
         out: dict[str, Any] = {
             "task_type": task_type,
@@ -133,13 +160,14 @@ def submit(
         print_json(out)
     else:
         line = Text(f"submitted {task_type} run ")
-        line.append(out["run_id"], style="bold cyan")
+        line.append(safe(out["run_id"]), style="bold cyan")
         if out["duplicate"]:
             line.append(" (duplicate: this run and step were already submitted)", style="yellow")
         console.print(line, soft_wrap=True)
         if wait and out["status"] == "completed":
-            console.print(Text.assemble(("completed: ", "green"), compact(out["output"])))
+            console.print(Text.assemble(("completed: ", "green"), safe(compact(out["output"]))))
     if wait and out["status"] != "completed":
+        # kind and error come from the worker that failed the task: err() escapes them
         kind = f" ({out['kind']})" if "kind" in out else ""
         err(f"Error: task {out['status']}{kind}: {out['error']}")
         sys.exit(1)
@@ -216,7 +244,7 @@ def events(conn: ConnOptions, run_id: str, follow: bool, as_json: bool) -> None:
         async for ev in Client(nc).run_events(run_id, timeout=None if follow else 0.5):
             count += 1
             if as_json:
-                click.echo(json.dumps(ev))
+                print_json_line(ev)
             else:
                 console.print(event_text(ev), soft_wrap=True)
         return count
@@ -266,15 +294,20 @@ def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
                     if isinstance(item, BaseException):
                         raise item
                     if isinstance(item, Msg):
+                        # the subject, header and data are written by the worker
                         step = item.subject.split(".", 2)[2]
                         seq = (item.headers or {}).get(CHUNK_SEQ, "")
-                        line = Text(f"{step} #{seq} ", style="dim")
-                        line.append(item.data.decode(errors="replace"), style="")
+                        line = Text(f"{safe(step)} #{safe(seq)} ", style="dim")
+                        line.append(safe(item.data.decode(errors="replace")), style="")
                         console.print(line, soft_wrap=True)
                         continue
                     console.print(event_text(item), soft_wrap=True)
+                    if not isinstance(item, dict):
+                        continue
                     et = item.get("type")
-                    kind = (item.get("payload") or {}).get("kind")
+                    payload = item.get("payload")
+                    kind = payload.get("kind") if isinstance(payload, dict) else None
+                    kind = kind if isinstance(kind, str) else None  # unhashable from the wire
                     if et == w.STEP_COMPLETED:
                         return True
                     if et == w.STEP_CANCELLED or (

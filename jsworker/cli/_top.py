@@ -44,7 +44,7 @@ from .._errors import JSWorkerError, NotProvisionedError
 from .._pcg_config import ElasticConfig, PartitionConfigError, assignment
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run
-from ._output import console, print_json
+from ._output import console, print_json, safe, safe_text
 from ._queues import QueueRow, fmt_age, queue_report
 
 #: seconds over which tasks/s are averaged
@@ -333,7 +333,7 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
     head.append(f"{snap.events} events  ", style="dim")
     head.append("q quits", style="reverse")
     if problem:
-        head.append(f"\n{problem} (showing the last numbers)", style="bold red")
+        head.append(f"\n{safe(problem)} (showing the last numbers)", style="bold red")
 
     types = Table(title="task types", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     types.add_column("type", no_wrap=True)
@@ -350,8 +350,8 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
         for i, r in enumerate(rows):
             first = i == 0
             types.add_row(
-                Text(t if first else ""),
-                Text(r.group or "-"),
+                safe_text(t if first else ""),
+                safe_text(r.group or "-"),
                 _rate(s.done_per_s) if first else "",
                 Text(_rate(s.failed_per_s), style="red" if s.failed_per_s else "") if first else "",
                 _ms(s.p50) if first else "",
@@ -374,12 +374,12 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
     for e in snap.workers:
         held = e.get("partitions") or {}
         workers.add_row(
-            Text(str(e.get("worker_id", ""))),
-            Text(str(e.get("language", ""))),
-            Text(f"{e.get('hostname', '')}:{e.get('pid', '')}"),
-            Text(", ".join(map(str, e.get("task_types") or []))),
-            Text(", ".join(map(str, e.get("groups") or [])) or "all"),
-            Text(
+            safe_text(str(e.get("worker_id", ""))),
+            safe_text(str(e.get("language", ""))),
+            safe_text(f"{e.get('hostname', '')}:{e.get('pid', '')}"),
+            safe_text(", ".join(map(str, e.get("task_types") or []))),
+            safe_text(", ".join(map(str, e.get("groups") or [])) or "all"),
+            safe_text(
                 "; ".join(
                     f"{k}: {_ranges([p for p in v if isinstance(p, int)])}"
                     if isinstance(v, list)
@@ -403,9 +403,9 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
         for m, ps in sorted(per.items(), key=lambda kv: min(kv[1])):
             if line:
                 line.append("  ")
-            line.append(m or "unassigned", style="" if m else "red")
+            line.append(safe(m or "unassigned"), style="" if m else "red")
             line.append(f": {_ranges(ps)}")
-        parts.add_row(Text(key), str(len(owners)), line)
+        parts.add_row(safe_text(key), str(len(owners)), line)
     return Group(head, types, workers, parts)
 
 
@@ -475,7 +475,7 @@ async def _top(
             if as_json:
                 print_json(snap.as_dict())
             else:
-                console.print(render(snap, conn.url))
+                console.print(render(snap, conn.display_url))
             return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -501,9 +501,9 @@ async def _top(
                         # restarting; say what is wrong in the header
                         problem = str(e) or type(e).__name__
                     if last is not None:
-                        live.update(render(last, conn.url, problem), refresh=True)
+                        live.update(render(last, conn.display_url, problem), refresh=True)
                     elif problem:
-                        live.update(Text(f"jsworker top: {problem}", style="red"), refresh=True)
+                        live.update(safe_text(f"jsworker top: {problem}", "red"), refresh=True)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), interval)
         finally:

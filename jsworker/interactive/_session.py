@@ -35,6 +35,7 @@ from .._client import Client, TaskHandle
 from .._context import TaskContext
 from .._errors import ConfigError, JSWorkerError, LifecycleError, ServerError
 from .._provision import setup_all
+from .._redact import redact_urls
 from .._server import EmbeddedServer
 from .._worker import Worker
 
@@ -429,7 +430,7 @@ async def connect(
         if server is not None:
             await server.stop()
         raise
-    session = Session(nc, worker, url=url, group=group, server=server)
+    session = Session(nc, worker, url=redact_urls(url), group=group, server=server)
     _install_ipython_hooks(session)
     return session
 
@@ -448,7 +449,9 @@ async def _connect(url: str) -> NATS:
             error_cb=quiet,
         )
     except (nats.errors.NoServersError, OSError, TimeoutError) as e:
-        raise ServerError(f"cannot reach a NATS server at {url}: {e or type(e).__name__}") from None
+        raise ServerError(
+            f"cannot reach a NATS server at {redact_urls(url)}: {e or type(e).__name__}"
+        ) from None
     # reconnect for good once the first connection worked (as `jsworker serve` does)
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
