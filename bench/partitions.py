@@ -514,6 +514,8 @@ async def main() -> None:
     if args.members:
         if not 1 <= args.members <= 48:
             sys.exit("error: --members must be 1-48")
+        if not args.rate > 0 or not args.timeout > 0:
+            sys.exit("error: --rate and --timeout must be > 0")
         with tempfile.TemporaryDirectory() as td:
             async with jsworker.EmbeddedServer() as srv:
                 nc = await nats.connect(srv.url)

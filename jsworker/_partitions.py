@@ -331,6 +331,7 @@ class ElasticMember:
                     await self._drop_consumer()
                 continue
             self.rebalances += 1
+            self.env.telemetry.count_rebalance(self.task_type, self.group)
             await self._drop_consumer()
             while desired and not self._stopping:
                 if await self._create_consumer(desired):
@@ -556,8 +557,11 @@ class ElasticMember:
         let two members run one key at once. The server drops a closed connection's pull
         requests at once."""
         info = await self._api(f"CONSUMER.INFO.{self.stream}.{member}", None)
-        if info.get("error"):
-            return False  # no consumer: nothing to fence
+        err = info.get("error")
+        if err:
+            # no consumer: nothing to fence; any other error (an API timeout under load)
+            # tells nothing, so the member is kept until a later round can look
+            return bool(err.get("err_code") != 10014)
         if info.get("num_waiting"):
             return True
         now = time.time()
