@@ -35,7 +35,7 @@ from ._errors import (
     WorkerFailedError,
 )
 from ._provision import ProvisionResult, setup_all, setup_kv_buckets, setup_streams
-from ._ratelimit import RateLimit, RateLimitKeyError
+from ._ratelimit import RateLimit, RateLimitKeyError, list_rate_limits, reset_rate_limits
 from ._retry import RetryPolicy
 from ._server import EmbeddedCluster, EmbeddedServer, find_nats_server
 from ._services import CorruptValueError, SignalTimeoutError
@@ -103,10 +103,12 @@ __all__ = [
     "find_nats_server",
     "get_dead",
     "list_dead",
+    "list_rate_limits",
     "list_workers",
     "load_ipython_extension",
     "purge_dead",
     "replay_dead",
+    "reset_rate_limits",
     "setup_all",
     "setup_kv_buckets",
     "setup_streams",

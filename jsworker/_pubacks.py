@@ -43,6 +43,12 @@ _HDR_LINE = b"NATS/1.0\r\n"
 def header_block(headers: dict[str, str]) -> bytes | None:
     """``headers`` as the protocol's header block, or ``None`` when a key or value needs
     nats-py's cleaning (surrounding spaces, CR/LF, an empty or unusual key)."""
+    if len(headers) == 1:
+        msg_id = headers.get("Nats-Msg-Id")
+        if msg_id is not None:  # the usual case: a dedup id alone
+            if "\r" in msg_id or "\n" in msg_id or msg_id != msg_id.strip():
+                return None
+            return b"%bNats-Msg-Id: %b\r\n\r\n" % (_HDR_LINE, msg_id.encode())
     out = bytearray(_HDR_LINE)
     for k, v in headers.items():
         if not k or not k.isascii() or not k.replace("-", "").isalnum():

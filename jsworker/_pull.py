@@ -108,10 +108,12 @@ class PullLoop:
 
     Request size adapts so that an idle consumer does not park the worker's credits
     in a long poll: a loop starts asking for one message, then for as many as the
-    consumer says it still has (each delivery carries that count) plus one, up to
-    ``batch``, and for one again when a request expires with nothing delivered. So a
-    handler with nothing to do holds one credit of the worker's pool, and the rest
-    serve the handlers that have work.
+    consumer says it still has (each delivery carries that count) plus one, or, while
+    tasks keep arriving, for about a quarter second's worth of them at the rate of the
+    last second or two (so a steady stream is delivered as it arrives, not one pull
+    round trip per task), up to ``batch``; and for one again when a request expires with
+    nothing delivered. So a handler with nothing to do holds one credit of the worker's
+    pool, and the rest serve the handlers that have work.
     """
 
     def __init__(
@@ -139,6 +141,10 @@ class PullLoop:
         self.on_status = on_status
         self.spawn = spawn
         self.want = 1  # current request size (see the class docstring)
+        # messages received in the current one-second window and in the one before
+        self._window = 0
+        self._last_window = 0
+        self._window_start = time.monotonic()
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._requests: dict[str, _Request] = {}
@@ -177,10 +183,20 @@ class PullLoop:
                 if req.remaining == 0:
                     del self._requests[rid]
                 break
+        # Messages received in the current and the previous second: the arrival rate.
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._last_window = self._window if now - self._window_start < 2.0 else 0
+            self._window = 0
+            self._window_start = now
+        self._window += 1
         try:
-            # ask for no more than the consumer has (plus one for what comes next), so
-            # a consumer that runs dry parks one credit, not a whole batch
-            self.want = min(self.batch, msg.metadata.num_pending + 1)
+            # Ask for what the consumer has (plus one for what comes next), and while
+            # tasks keep arriving for about a quarter second's worth of them, so each
+            # new one is delivered at once instead of after a pull round trip. A
+            # consumer that runs dry and quiet parks one credit, not a whole batch.
+            recent = max(self._window, self._last_window) // 4
+            self.want = min(self.batch, max(msg.metadata.num_pending + 1, recent))
         except Exception:  # no JetStream metadata: the executor reports it
             pass
         self._wake.set()

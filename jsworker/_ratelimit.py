@@ -34,6 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -51,7 +52,7 @@ CAS_RETRIES = 16
 #: a process takes at most this many seconds' worth of tokens in one KV round trip
 BATCH_WINDOW = 0.01
 #: tokens of a batch not spent within this many seconds lapse (are never used)
-BATCH_TTL = 0.1
+BATCH_TTL = 1.0
 #: waits up to this long are held (lease renewed), longer ones are nak'ed (default)
 DEFAULT_HOLD = 2.0
 _PLAIN_KEY = re.compile(r"^[-=a-zA-Z0-9][-_=a-zA-Z0-9]{0,127}$")
@@ -263,6 +264,9 @@ class Limiter:
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = _Gate(key)
+        if gate.local > 0 and not gate.waiters and time.monotonic() < gate.local_until:
+            gate.local -= 1  # the common case under a generous limit: no await at all
+            return 0.0
         interval = 1.0 / rl.rate
         if can_defer and gate.waiters:
             # tasks queued ahead of this one in this process: estimate its turn
@@ -430,3 +434,17 @@ async def reset_buckets(js: JetStreamContext, task_type: str, key: str | None = 
         await kv.purge(name)
         deleted += 1
     return deleted
+
+
+async def list_rate_limits(nc: NATS, task_type: str) -> list[dict[str, Any]]:
+    """The rate-limit buckets of ``task_type`` (see :func:`list_buckets`): ``key``
+    (``None`` for the global bucket), ``tokens`` now, ``limit``, ``per`` (seconds).
+    Raises ``InvalidNameError`` for a bad type, ``NotProvisionedError`` without KV
+    ``rate_limits``."""
+    return await list_buckets(nc.jetstream(), task_type)
+
+
+async def reset_rate_limits(nc: NATS, task_type: str, key: str | None = None) -> int:
+    """Reset (delete) the buckets of ``task_type``, or only ``key``'s (``"_global"``: the
+    global one); the next task finds a full bucket. Returns how many were reset."""
+    return await reset_buckets(nc.jetstream(), task_type, key)

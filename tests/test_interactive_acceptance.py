@@ -148,11 +148,14 @@ async def test_kernel_joins_redefines_and_leaves_a_live_cluster(
         # 2. replace twice: outputs switch to v2, then v3
         returned: dict[str, float] = {}
         for version in ("v2", "v3"):
+            before = await _assignment(nc, ttype)
             res = await kernel.ok(
                 f"session.handle({ttype!r}, make({version!r}), partitions={PARTITIONS}); "
                 "await session.sync(); time.time()"
             )
             returned[version] = float(res.text)
+            # a code swap: no partition moved
+            assert await _assignment(nc, ttype) == before
             await wait_for(lambda v=version: ran(v), 60, f"{version} executions")
         info = await kernel.ok("[h['version'] for h in session.handlers()]")
         assert info.text == "[3]"
@@ -237,6 +240,11 @@ async def test_kernel_joins_redefines_and_leaves_a_live_cluster(
         f"-> first task of a kernel key on a serve process: "
         f"{(min(took_over) - t_rm) if took_over else float('nan'):.2f} s"
     )
+
+
+async def _assignment(nc: NATS, ttype: str) -> dict[int, str | None]:
+    view = await group_view(nc, ttype)
+    return {p["partition"]: p["member"] for p in view["partitions"]}
 
 
 async def _members_are(nc: NATS, ttype: str, want: int, served: bool = False) -> bool:

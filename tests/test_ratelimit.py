@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -298,3 +299,61 @@ async def test_missing_rate_limit_key_fails_permanently(
         with pytest.raises(jsworker.TaskFailed) as e:
             await bad.result(timeout=10)
     assert e.value.kind == "non_retriable" and "tenant" in e.value.error
+
+
+async def test_cli_ratelimit_show_reset_and_submit_sticky(
+    nc: NATS, unique: Callable[[str], str], server_env: dict[str, str]
+) -> None:
+    from test_cli import acli, no_traceback
+
+    ttype = unique("rlcli")
+    w = jsworker.Worker(nc)
+
+    @w.handle(
+        ttype,
+        rate_limit=jsworker.RateLimit(50, per=2.0),
+        key_rate_limit=jsworker.RateLimit(5, per=1.0, key="who"),
+    )
+    async def h(ctx: jsworker.TaskContext) -> str:
+        return ctx.json()["who"]
+
+    async with w:
+        client = jsworker.Client(nc)
+        for who in ("acme", "x@y.z"):
+            assert await (await client.submit(ttype, {"who": who})).result(timeout=10) == who
+        p = await acli("ratelimit", "show", ttype, "--json", env=server_env)
+        assert p.returncode == 0, p.stderr
+        rows = {r["key"]: r for r in json.loads(p.stdout)}
+        assert set(rows) == {None, "acme", "x@y.z"}
+        assert rows[None]["limit"] == 50 and rows[None]["per"] == 2.0
+        assert rows["acme"]["limit"] == 5 and rows["acme"]["tokens"] <= 5
+        p = await acli("ratelimit", "show", ttype, env=server_env)
+        assert p.returncode == 0 and "x@y.z" in p.stdout and "acme" in p.stdout
+        p = await acli("ratelimit", "reset", ttype, "x@y.z", env=server_env)
+        assert p.returncode == 0 and "reset 1 bucket" in p.stdout, p.stdout
+        left = {b["key"] for b in await list_buckets(nc.jetstream(), ttype)}
+        assert left == {None, "acme"}
+        p = await acli("ratelimit", "reset", ttype, env=server_env)
+        assert p.returncode == 0 and "reset 2 buckets" in p.stdout, p.stdout
+
+        # a sticky step from the CLI goes to the worker that ran the run's first one
+        run = unique("run")
+        first = await client.submit(ttype, {"who": "a"}, run_id=run, step_id="a", sticky="soft")
+        assert await first.result(timeout=10) == "a"
+        p = await acli(
+            "task", "submit", ttype, '{"who": "b"}', "--run-id", run, "--step-id", "b",
+            "--sticky", "soft", "--last-step", "--wait", "--json", env=server_env,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+        assert out["subject"] == f"sticky.{ttype}.{w.worker_id}.{run}"
+        assert out["output"] == "b"
+
+    for args in (
+        ("ratelimit", "show", "a.b"),
+        ("ratelimit", "reset", "t", ""),
+        ("task", "submit", ttype, "{}", "--sticky", "always"),
+    ):
+        p = await acli(*args, env=server_env)
+        assert p.returncode in (1, 2) and p.stderr.strip(), (args, p.stderr)
+        no_traceback(p)

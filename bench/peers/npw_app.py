@@ -65,9 +65,13 @@ def consume(conc: int) -> None:
                 body = {"type": "step.completed", "t": msg["t"], "h": h}
                 await nc.publish(f"history.{msg['run_id']}", json.dumps(body).encode())
 
+    async def init(*, connection: nats.aio.client.Client) -> None:
+        # the stream first: in the latency run the consumer starts before any producer
+        await connection.jetstream().add_stream(name=f"NPW_{ID}", subjects=[f"npw.{ID}"])
+
     print("READY", flush=True)
     sys.stdin.readline()
-    worker.start_as_app()
+    worker.start_as_app(init=init)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 * ``_connect``: the root's connection options, connecting, error mapping (``run``);
 * ``_output`` / ``_input``: rich and JSON output, JSON arguments;
 * ``_kv``, ``_serve`` (+ ``_importer``), ``_dev`` (+ ``_demo``), ``_task``,
-  ``_signal``, ``_workers``, ``_partitions``, ``_dead``,
+  ``_signal``, ``_workers``, ``_partitions``, ``_dead``, ``_ratelimit``,
   ``_queues``, ``_top``, ``_repl``, ``_kernel``: the commands.
 
 Errors the user can act on are one red line on stderr and exit code 1; usage errors
@@ -23,6 +23,7 @@ from ._kernel import kernel_group
 from ._kv import kv_group
 from ._partitions import partitions_group
 from ._queues import queues
+from ._ratelimit import ratelimit_group
 from ._repl import repl
 from ._serve import serve
 from ._signal import signal_group
@@ -92,6 +93,7 @@ for command in (
     signal_group,
     partitions_group,
     dead_group,
+    ratelimit_group,
     queues,
     top,
     repl,

@@ -45,6 +45,7 @@ def task_group() -> None:
 @click.option(
     "--run-id", help="Run id  [default: a new one; the same run id twice is deduplicated]"
 )
+@click.option("--step-id", help="Step id  [default: the task type]")
 @click.option("--key", help="Partition key for partitioned handlers  [default: the run id]")
 @click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
 @click.option("--wait", is_flag=True, help="Wait for the outcome; exit 1 if the task failed.")
@@ -57,6 +58,17 @@ def task_group() -> None:
     default=1,
     help="Submit this many tasks (each its own run), pipelined: load from the CLI.",
 )
+@click.option(
+    "--sticky",
+    type=click.Choice(["soft", "hard"]),
+    help="Run this step on the worker that ran the run's first sticky step "
+    "(soft: or any worker when it is gone; hard: wait for it, fail when it stays gone).",
+)
+@click.option(
+    "--last-step",
+    is_flag=True,
+    help="With --sticky: the run's last step; its outcome removes the run's binding.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @otel_console_option
 @pass_conn
@@ -66,11 +78,14 @@ def submit(
     input: str | None,
     group: str | None,
     run_id: str | None,
+    step_id: str | None,
     key: str | None,
     metadata: tuple[str, ...],
     wait: bool,
     timeout: float,
     count: int,
+    sticky: str | None,
+    last_step: bool,
     as_json: bool,
     otel_console: bool,
 ) -> None:
@@ -88,15 +103,20 @@ def submit(
       echo '{"n": 3}' | jsworker task submit fib - --wait --json
       jsworker task submit charge-card '{"amount": 5}' --run-id order-42 -m tenant=acme
       jsworker task submit noop --count 100000 --json   # load: prints tasks/s
+      jsworker task submit embed @chunk.json --run-id doc-7 --step-id s2 --sticky soft
     """
-    if count > 1 and (run_id is not None or wait):
-        raise click.UsageError("--count cannot be combined with --run-id or --wait")
+    if count > 1 and (run_id is not None or wait or sticky):
+        raise click.UsageError("--count cannot be combined with --run-id, --wait or --sticky")
+    if last_step and sticky is None:
+        raise click.UsageError("--last-step needs --sticky")
     with library_errors():
         n.validate_task_type(task_type)
         if group is not None:
             n.validate_group(group)
         if run_id is not None:
             n.validate_token(run_id, "run id")
+        if step_id is not None:
+            n.validate_step_id(step_id)
     value = read_json_arg(input)
     meta = parse_metadata(metadata)
     if count > 1:
@@ -105,7 +125,15 @@ def submit(
 
     async def go(nc: NATS) -> dict[str, Any]:
         h = await Client(nc, telemetry=telemetry).submit(
-            task_type, value, group=group, run_id=run_id, metadata=meta, key=key
+            task_type,
+            value,
+            group=group,
+            run_id=run_id,
+            step_id=step_id,
+            metadata=meta,
+            key=key,
+            sticky=sticky,
+            last_step=last_step,
         )
         out: dict[str, Any] = {
             "task_type": task_type,
