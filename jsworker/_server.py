@@ -374,6 +374,11 @@ class EmbeddedCluster:
                 self.stop_sync()
                 raise EmbeddedServerError("cluster did not become ready in time")
             time.sleep(0.05)
+        try:
+            asyncio.run(self._wait_placement(deadline))
+        except BaseException:
+            self.stop_sync()
+            raise
         return self
 
     async def start(self) -> EmbeddedCluster:
@@ -384,7 +389,43 @@ class EmbeddedCluster:
                 await asyncio.to_thread(self.stop_sync)
                 raise EmbeddedServerError("cluster did not become ready in time")
             await asyncio.sleep(0.05)
+        try:
+            await self._wait_placement(deadline)
+        except BaseException:
+            await asyncio.to_thread(self.stop_sync)
+            raise
         return self
+
+    async def _wait_placement(self, deadline: float) -> None:
+        """Wait until a stream replicated on every node can be placed. Knowing the meta
+        leader is not enough: until each node's JetStream has reported to it, creating
+        an R3 stream fails with "no suitable peers for placement, peer offline"."""
+        import nats
+        import nats.js.errors
+        from nats.js.api import StorageType, StreamConfig
+
+        nc = await nats.connect(self.urls[0], allow_reconnect=False)
+        try:
+            js = nc.jetstream()
+            probe = StreamConfig(
+                name="JSWORKER_CLUSTER_PROBE",
+                subjects=["_jsworker.cluster.probe"],
+                num_replicas=len(self.servers),
+                storage=StorageType.MEMORY,
+            )
+            while True:
+                try:
+                    await js.add_stream(probe)
+                    await js.delete_stream("JSWORKER_CLUSTER_PROBE")
+                    return
+                except (nats.errors.Error, nats.js.errors.Error) as e:
+                    if time.monotonic() > deadline:
+                        raise EmbeddedServerError(
+                            f"cluster did not accept a replicated stream in time: {e}"
+                        ) from None
+                    await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
 
     def stop_sync(self) -> None:
         for s in self.servers:

@@ -160,6 +160,16 @@ class Worker:
             self.js = nc.jetstream()
         except Exception as e:  # pragma: no cover - nats-py does not fail here today
             raise ConfigError(f"JetStream could not be initialised: {e}") from e
+        if telemetry is not None and not isinstance(telemetry, Telemetry):
+            raise ConfigError(f"telemetry must be a jsworker.Telemetry, got {telemetry!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a jsworker.RetryPolicy, got {retry!r}")
+        if (
+            not isinstance(max_iterations, int)
+            or isinstance(max_iterations, bool)
+            or max_iterations < 1
+        ):
+            raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         self.telemetry = telemetry or Telemetry()
         self.groups: tuple[str, ...] = groups or ()
         self.partitions = partitions
