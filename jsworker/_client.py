@@ -20,7 +20,14 @@ from nats.js.kv import KeyValue
 
 from . import _names as n
 from . import _wire as w
-from ._errors import NotProvisionedError, PayloadError, ServerError, TaskFailed, TaskTimeout
+from ._errors import (
+    ConfigError,
+    NotProvisionedError,
+    PayloadError,
+    ServerError,
+    TaskFailed,
+    TaskTimeout,
+)
 from ._pubacks import PubAck, shared_pubacks
 from ._services import CHUNK_SEQ, Services
 from ._sticky import bindings_kv, route, sticky_headers, validate_mode
@@ -165,6 +172,12 @@ class Client:
         """``telemetry``: with a tracer provider, every submit is a PRODUCER span whose
         context the task carries, so the worker's span is its child (default: off; an
         active span of your own is still propagated)."""
+        if nc is None or not hasattr(nc, "jetstream"):
+            raise ConfigError(f"Client needs a NATS client (nc), got {type(nc).__name__}")
+        if telemetry is not None and not isinstance(telemetry, Telemetry):
+            raise ConfigError(
+                f"telemetry must be a jsworker.Telemetry, got {type(telemetry).__name__}"
+            )
         self.nc = nc
         self.js = nc.jetstream()
         self.services = Services(nc)

@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from ._pull import Slots
 from ._stats import WorkerHealth
 from ._supervisor import Supervisor
+from ._telemetry import Telemetry
 
 if TYPE_CHECKING:
     from ._handler import HandlerRuntime
@@ -51,6 +52,7 @@ class RuntimeEnv:
     executor: Executes
     #: called after this worker's partitions changed (refreshes the directory entry)
     on_membership_change: Callable[[], Awaitable[None]]
+    telemetry: Telemetry
     #: sticky assignment timeouts (the worker's sticky runtime, ``_sticky.py``)
     sticky: StickySettings
     #: the running handler runtime of a task type, if any (sticky tasks are run by it)

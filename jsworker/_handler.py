@@ -292,10 +292,13 @@ class HandlerRuntime:
             every = self.spec.ack_wait / 3
             await asyncio.sleep(every)
             now = time.monotonic()
+            extended = 0
             for msg, started in self.held():
                 if now - started >= every * 0.9:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
+                        extended += 1
+            self.env.telemetry.count_lease_extensions(self.task_type, extended)
 
     def held(self) -> list[tuple[Msg, float]]:
         """Every message this handler holds a lease on (running or waiting)."""

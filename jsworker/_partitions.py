@@ -331,6 +331,7 @@ class ElasticMember:
                     await self._drop_consumer()
                 continue
             self.rebalances += 1
+            self.env.telemetry.count_rebalance(self.task_type, self.group)
             await self._drop_consumer()
             while desired and not self._stopping:
                 if await self._create_consumer(desired):

@@ -130,6 +130,7 @@ class EmbeddedServer:
         extra_config: str = "",
         startup_timeout: float = 15.0,
     ) -> None:
+        _check_options(port, host, max_payload, startup_timeout)
         self.host = host
         self._requested_port = port
         self.port = port or 0
@@ -319,8 +320,8 @@ class EmbeddedCluster:
     however many ports other processes take meanwhile."""
 
     def __init__(self, size: int = 3, *, name: str = "jsw-cluster", startup_timeout: float = 30.0):
-        if size < 1:
-            raise EmbeddedServerError("cluster size must be >= 1")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise EmbeddedServerError(f"cluster size must be an int >= 1, got {size!r}")
         self.size = size
         self.cluster_name = name
         self.startup_timeout = startup_timeout
@@ -373,6 +374,11 @@ class EmbeddedCluster:
                 self.stop_sync()
                 raise EmbeddedServerError("cluster did not become ready in time")
             time.sleep(0.05)
+        try:
+            asyncio.run(self._wait_placement(deadline))
+        except BaseException:
+            self.stop_sync()
+            raise
         return self
 
     async def start(self) -> EmbeddedCluster:
@@ -383,7 +389,43 @@ class EmbeddedCluster:
                 await asyncio.to_thread(self.stop_sync)
                 raise EmbeddedServerError("cluster did not become ready in time")
             await asyncio.sleep(0.05)
+        try:
+            await self._wait_placement(deadline)
+        except BaseException:
+            await asyncio.to_thread(self.stop_sync)
+            raise
         return self
+
+    async def _wait_placement(self, deadline: float) -> None:
+        """Wait until a stream replicated on every node can be placed. Knowing the meta
+        leader is not enough: until each node's JetStream has reported to it, creating
+        an R3 stream fails with "no suitable peers for placement, peer offline"."""
+        import nats
+        import nats.js.errors
+        from nats.js.api import StorageType, StreamConfig
+
+        nc = await nats.connect(self.urls[0], allow_reconnect=False)
+        try:
+            js = nc.jetstream()
+            probe = StreamConfig(
+                name="JSWORKER_CLUSTER_PROBE",
+                subjects=["_jsworker.cluster.probe"],
+                num_replicas=len(self.servers),
+                storage=StorageType.MEMORY,
+            )
+            while True:
+                try:
+                    await js.add_stream(probe)
+                    await js.delete_stream("JSWORKER_CLUSTER_PROBE")
+                    return
+                except (nats.errors.Error, nats.js.errors.Error) as e:
+                    if time.monotonic() > deadline:
+                        raise EmbeddedServerError(
+                            f"cluster did not accept a replicated stream in time: {e}"
+                        ) from None
+                    await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
 
     def stop_sync(self) -> None:
         for s in self.servers:
@@ -398,6 +440,30 @@ class EmbeddedCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _check_options(
+    port: object, host: object, max_payload: object, startup_timeout: object
+) -> None:
+    """The options checked when the object is built, not when the server starts."""
+    if port is not None and not (_int_in(port, 1, 65535)):
+        raise EmbeddedServerError(f"port must be an int from 1 to 65535 (or None), got {port!r}")
+    if not isinstance(host, str) or not host:
+        raise EmbeddedServerError(f"host must be a non-empty string, got {host!r}")
+    if max_payload is not None and not _int_in(max_payload, 1, 2**31):
+        raise EmbeddedServerError(
+            f"max_payload must be a positive int (bytes), got {max_payload!r}"
+        )
+    if (
+        isinstance(startup_timeout, bool)
+        or not isinstance(startup_timeout, int | float)
+        or not startup_timeout > 0
+    ):
+        raise EmbeddedServerError(f"startup_timeout must be > 0 seconds, got {startup_timeout!r}")
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _die_with_parent() -> None:

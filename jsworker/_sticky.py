@@ -221,11 +221,10 @@ STICKY_SPEC = HandlerSpec(STICKY_KEY, _no_handler, True, DEFAULT_ACK_WAIT, Retry
 
 class StickyCredits(Slots):
     """The sticky pull loop's credits. It asks for messages only while the worker's pool
-    has free credits, but charges the pool only when a message arrives (the handler's
-    runtime takes the credit then), so an idle sticky consumer parks none of the
-    worker's credits. At most the credits of one outstanding request can arrive while
-    the pool has just been filled by others; the handlers' loops then wait until the
-    pool is back above zero."""
+    has free credits, but takes a credit of the pool only when a message arrives, so an
+    idle sticky consumer parks none of the worker's credits. A message that arrives
+    when the pool has just been filled by others waits for a credit (leased, not
+    running): at most one request's worth."""
 
     def __init__(self, pool: Slots) -> None:
         super().__init__(pool.size)
@@ -246,10 +245,11 @@ class StickyRuntime(HandlerRuntime):
     drained with its last (like any runtime, by ``Worker._converge``):
 
     * one consumer of its own, ``sticky__{worker_id}``, filtering
-      ``sticky.*.{worker_id}.>`` on ``STICKY_TASKS``; each task it delivers takes a
-      credit of its handler's pool (and so of the worker's, :class:`StickyCredits`) and
-      runs on the runtime of its type (executor, leases, drain); a task of a type this
-      worker does not handle (any more) goes back to its home subject;
+      ``sticky.*.{worker_id}.>`` on ``STICKY_TASKS``; it asks for tasks only while the
+      worker's pool has credits (:class:`StickyCredits`), and each task it delivers
+      takes a credit of its handler's pool (and so of the worker's) before it runs on
+      the runtime of its type (executor, leases, drain); a task of a type this worker
+      does not handle (any more) goes back to its home subject;
     * the sweep of the other workers' sticky subjects (the module docstring).
 
     Its consumer is deleted when it stops, after the sticky tasks it started have
@@ -330,13 +330,23 @@ class StickyRuntime(HandlerRuntime):
             self._moves.add(task)
             task.add_done_callback(self._moves.discard)
             return
-        rt.slots.consume(1)  # given back by rt._done when the task has settled
-        task = asyncio.create_task(self.env.executor.execute(rt, msg))
-        now = time.monotonic()
-        rt.inflight[task] = (msg, now)
-        self.running[task] = (msg, now)
-        task.add_done_callback(rt._done)
+        task = asyncio.create_task(self._run(rt, msg))
+        self.running[task] = (msg, time.monotonic())
         task.add_done_callback(self._settled)
+
+    async def _run(self, rt: HandlerRuntime, msg: Msg) -> None:
+        """Run one sticky task on its handler's runtime, with a credit of that
+        handler's pool (and so of the worker's): it waits for one, its lease renewed
+        here meanwhile, so a worker never runs more than its concurrency."""
+        await rt.slots.take(1)
+        task = asyncio.current_task()
+        assert task is not None
+        rt.inflight[task] = (msg, time.monotonic())
+        try:
+            await self.env.executor.execute(rt, msg)
+        finally:
+            rt.inflight.pop(task, None)
+            rt.slots.give(1)
 
     def _settled(self, task: asyncio.Task[None]) -> None:
         self.running.pop(task, None)
@@ -366,8 +376,14 @@ class StickyRuntime(HandlerRuntime):
         await cancel_and_wait(self._setup)
         await self.stop_pulling()
         if self.running:
-            # the handlers' runtimes finish or hand back these within the grace period
-            await asyncio.wait(list(self.running), timeout=grace + 5)
+            # the handlers' runtimes finish or hand back these within the grace period;
+            # one still waiting for a credit then is cancelled (its message, unacked,
+            # stays in STICKY_TASKS and is moved home by another worker's sweep)
+            _, late = await asyncio.wait(list(self.running), timeout=grace + 5)
+            for t in late:
+                t.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5)
         if self._moves:
             await asyncio.wait(list(self._moves), timeout=5)
         await self.stop()

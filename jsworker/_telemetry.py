@@ -88,6 +88,8 @@ class Telemetry:
         self._counters: dict[str, Any] = {}
         self._in_flight: Any = None
         self._duration: Any = None
+        self._rebalances: Any = None
+        self._extensions: Any = None
         if meter_provider is not None:
             meter = meter_provider.get_meter("jsworker")
             for name in _COUNTERS:
@@ -100,6 +102,16 @@ class Telemetry:
             self._duration = meter.create_histogram(
                 "jsworker.task.duration", unit="s", description="handler run time"
             )
+            self._rebalances = meter.create_counter(
+                "jsworker.partitions.rebalances",
+                unit="{rebalance}",
+                description="times this worker's partitions of an elastic group changed",
+            )
+            self._extensions = meter.create_counter(
+                "jsworker.leases.extended",
+                unit="{heartbeat}",
+                description="lease extensions (in_progress) sent for tasks held long",
+            )
 
     # ------------------------------------------------------------------ metrics
     def count(self, name: str, task_type: str, failure_kind: str | None = None) -> None:
@@ -109,6 +121,14 @@ class Telemetry:
             if failure_kind is not None:
                 attrs["task.failure.kind"] = failure_kind
             c.add(1, attrs)
+
+    def count_rebalance(self, task_type: str, group: str | None) -> None:
+        if self._rebalances is not None:
+            self._rebalances.add(1, {"task.type": task_type, "task.group": group or ""})
+
+    def count_lease_extensions(self, task_type: str, n: int) -> None:
+        if self._extensions is not None and n:
+            self._extensions.add(n, {"task.type": task_type})
 
     def record_duration(self, seconds: float, task_type: str) -> None:
         if self._duration is not None:

@@ -402,6 +402,7 @@ class Worker:
                 supervisor=sup,
                 executor=executor,
                 on_membership_change=self._refresh_directory,
+                telemetry=self.telemetry,
                 sticky=self.sticky,
                 runtime_of=self._handler_runtime,
             )

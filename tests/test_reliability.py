@@ -71,10 +71,19 @@ class Drain:
 
 
 async def completed_per_run(nc: NATS, ttype: str) -> collections.Counter[str]:
-    """``step.completed`` events per run of ``ttype``, read back from the stream."""
-    js = nc.jetstream()
-    total = (await js.stream_info("WORKFLOW_HISTORY")).state.messages
-    sub = await js.subscribe("history.>", ordered_consumer=True, stream="WORKFLOW_HISTORY")
+    """``step.completed`` events per run of ``ttype``, read back from the stream.
+
+    Right after a node died, on a loaded machine, creating the reading consumer can take
+    longer than one API timeout: retried (bounded), the reading itself is not."""
+    js = nc.jetstream(timeout=15)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            total = (await js.stream_info("WORKFLOW_HISTORY")).state.messages
+            sub = await js.subscribe("history.>", ordered_consumer=True, stream="WORKFLOW_HISTORY")
+            break
+        except nats.errors.TimeoutError:
+            assert time.monotonic() < deadline, "WORKFLOW_HISTORY did not answer in 60 s"
     counts: collections.Counter[str] = collections.Counter()
     try:
         for _ in range(total):
@@ -216,7 +225,7 @@ async def test_cluster_leader_kill_loses_nothing(unique: Callable[[str], str]) -
                 victim.kill()
                 complete = await drain.drained()
                 t_end = time.monotonic()
-            new_leader = (await admin.jetstream().stream_info("TASK_QUEUES")).cluster
+            new_leader = (await admin.jetstream(timeout=15).stream_info("TASK_QUEUES")).cluster
             counts = await completed_per_run(admin, ttype)
         finally:
             await wnc.close()

@@ -127,6 +127,32 @@ def test_worker_id_is_validated_at_construction() -> None:
     assert validate_worker_id(jsworker.Worker(nc).worker_id)  # the default is valid too
 
 
+def test_client_and_embedded_server_options_are_validated_at_construction() -> None:
+    for bad_nc in (None, "nats://127.0.0.1:4222"):
+        with pytest.raises(jsworker.ConfigError, match="NATS client"):
+            jsworker.Client(bad_nc)  # type: ignore[arg-type]
+    with pytest.raises(jsworker.ConfigError, match="telemetry"):
+        jsworker.Client(NATS(), telemetry="otel")  # type: ignore[arg-type]
+    bad_servers: list[dict[str, Any]] = [
+        {"port": -1},
+        {"port": 70000},
+        {"port": 0},
+        {"port": "4222"},
+        {"host": ""},
+        {"max_payload": 0},
+        {"max_payload": True},
+        {"startup_timeout": 0},
+        {"startup_timeout": "15"},
+    ]
+    for kw in bad_servers:
+        with pytest.raises(jsworker.EmbeddedServerError):
+            jsworker.EmbeddedServer(**kw)
+    for size in (0, True, 2.5):
+        with pytest.raises(jsworker.EmbeddedServerError, match="cluster size"):
+            jsworker.EmbeddedCluster(size)  # type: ignore[arg-type]
+    assert jsworker.EmbeddedServer(port=4222, max_payload=1024).port == 4222
+
+
 async def test_a_valid_worker_id_is_a_valid_kv_key(nc: NATS, unique: Callable[[str], str]) -> None:
     """The rule is not stricter in name only: the longest odd-looking id starts fine."""
     wid = ("A-z_0=" + unique("w").replace("-", "_")).ljust(MAX_WORKER_ID_LEN, "=")
@@ -256,6 +282,17 @@ async def test_interactive_session_never_shows_the_password() -> None:
         with pytest.raises(jsworker.ServerError) as e:
             await interactive.connect(f"nats://alice:{SECRET}@127.0.0.1:1")
         assert SECRET not in str(e.value) and "alice:***@" in str(e.value)
+
+
+def test_kernel_spec_shows_the_url_without_its_password() -> None:
+    from jsworker.interactive._kernel import kernel_spec
+    from jsworker.interactive._magics import URL_ENV
+
+    url = f"nats://alice:{SECRET}@nats:4222"
+    spec = kernel_spec(url, "dev-alice")
+    assert spec["env"][URL_ENV] == url  # the kernel connects with it
+    shown = json.dumps({k: v for k, v in spec.items() if k != "env"})
+    assert SECRET not in shown and "nats://alice:***@nats:4222" in spec["display_name"]
 
 
 # ------------------------------------------------------------------ terminal safety

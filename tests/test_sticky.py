@@ -190,3 +190,68 @@ async def test_sticky_consumer_deleted_on_stop_and_mode_checked(
     # no worker left: a soft step of the run goes to its home subject
     third = await client.submit(ttype, {}, run_id=run, step_id="c", sticky="soft")
     assert third.subject == f"task.{ttype}.{run}"
+
+
+async def test_soft_step_not_pulled_in_time_moves_hard_step_waits(
+    nc: NATS, unique: Callable[[str], str]
+) -> None:
+    """The bound worker is alive but busy (its credits taken by a long task and its idle
+    handler's pull request), so it does not pull its sticky subject: a soft step is
+    moved to its ordinary subject after the soft timeout and runs while the long task
+    still runs, and the binding follows it; a hard step waits for its worker."""
+    ttype = unique("stbusy")
+    release = asyncio.Event()
+    busy, rest = (
+        jsworker.Worker(nc, concurrency=2, sticky_soft_timeout=1.0),
+        jsworker.Worker(nc, sticky_soft_timeout=1.0),
+    )
+    ran: dict[str, str] = {}
+
+    for w in (busy, rest):
+
+        async def h(ctx: jsworker.TaskContext, w: jsworker.Worker = w) -> str:
+            if ctx.json() == "block":
+                await release.wait()
+            ran[ctx.run_id] = w.worker_id
+            return w.worker_id
+
+        w.handle(ttype, h)
+    client = jsworker.Client(nc)
+    kv = await nc.jetstream().key_value("sticky_bindings")
+    blocker, soft, hard = unique("blocker"), unique("soft"), unique("hard")
+    for run in (blocker, soft, hard):
+        await kv.put(run, busy.worker_id.encode())  # as if busy had run their first step
+    async with busy, rest:
+        b = await client.submit(ttype, "block", run_id=blocker, sticky="hard")
+        assert b.subject == f"sticky.{ttype}.{busy.worker_id}.{blocker}"
+        deadline = time.monotonic() + 10
+        while busy.in_flight == 0:
+            assert time.monotonic() < deadline, "the blocking task never started"
+            await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        s = await client.submit(ttype, "x", run_id=soft, sticky="soft")
+        h = await client.submit(ttype, "x", run_id=hard, sticky="hard")
+        assert s.subject.startswith(f"sticky.{ttype}.{busy.worker_id}.")
+        ran_on = await s.result(timeout=15)
+        # not before the soft timeout (measured from the stream timestamp: allow 0.1 s)
+        assert time.monotonic() - t0 >= 0.9
+        assert not release.is_set() and b.run_id not in ran  # the long task still runs
+        assert await binding(nc, soft) == ran_on  # the binding follows the step
+        assert hard not in ran  # the hard step waits for its busy worker
+        release.set()
+        assert await h.result(timeout=15) == busy.worker_id
+        assert await b.result(timeout=15) == busy.worker_id
+
+
+def test_sticky_wire_helpers() -> None:
+    from jsworker._sticky import home_subject, validate_mode
+
+    assert validate_mode(None) is None and validate_mode("hard") == "hard"
+    with pytest.raises(jsworker.ConfigError):
+        validate_mode("always")
+    assert home_subject("task.t.r", None) == "task.t.r"
+    hdr = {"Jsworker-Task-Subject": "task.t.g.k"}
+    assert home_subject("sticky.t.worker-1.r", hdr) == "task.t.g.k"
+    # a header another program got wrong: the ungrouped subject of the run
+    for bad in ({"Jsworker-Task-Subject": "task.>"}, {"Jsworker-Task-Subject": "x"}, {}):
+        assert home_subject("sticky.t.worker-1.r", bad) == "task.t.r"

@@ -4,6 +4,7 @@ retry events, continue links, the metrics, and nothing allocated when it is off.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import tracemalloc
@@ -257,3 +258,24 @@ def test_off_allocates_nothing_per_task() -> None:
             tracemalloc.stop()
 
     assert peak(per_task) <= peak(bare)
+
+
+async def test_rebalance_and_lease_extension_metrics(
+    nc: NATS, unique: Callable[[str], str]
+) -> None:
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    ttype = unique("m")
+    w = jsworker.Worker(nc, telemetry=jsworker.Telemetry(meter_provider=meters))
+
+    @w.handle(ttype, partitions=2, ack_wait=0.6)
+    async def slow(ctx: jsworker.TaskContext) -> None:
+        await asyncio.sleep(0.9)  # past a third of ack_wait, twice
+
+    async with w:
+        await (await jsworker.Client(nc).submit(ttype, None)).result(timeout=15)
+    pts = metric_points(reader)
+    rebalances = [v for a, v in pts["jsworker.partitions.rebalances"] if a["task.type"] == ttype]
+    assert sum(rebalances) >= 1  # joining the group gave it its partitions
+    extended = [v for a, v in pts["jsworker.leases.extended"] if a["task.type"] == ttype]
+    assert sum(extended) >= 1

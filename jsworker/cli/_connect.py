@@ -343,8 +343,12 @@ def _background_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) 
     stderr, the traceback only at DEBUG."""
     exc = context.get("exception")
     what = context.get("message") or "background error"
-    err(f"{what}: {type(exc).__name__}: {exc}" if exc is not None else what, style="dim")
     logging.getLogger("jsworker.cli").debug("%s", what, exc_info=exc)
+    if isinstance(exc, ConnectionError | nats.errors.UnexpectedEOF):
+        # the connection being torn down (after a refused login, say): the command says
+        # what happened in its own one line; a second one would only be noise
+        return
+    err(f"{what}: {type(exc).__name__}: {exc}" if exc is not None else what, style="dim")
 
 
 def run(coro: Coroutine[Any, Any, T], *, loop_factory: LoopFactory | None = None) -> T:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .._redact import redact_urls
 from ..interactive._kernel import DEFAULT_NAME, install_kernel
 from ._connect import library_errors
 from ._output import console, print_json
@@ -51,6 +52,7 @@ def install(
     with library_errors():
         path = install_kernel(kernel_url, name=name, group=group, prefix=prefix)
     if as_json:
-        print_json({"name": name, "path": path, "url": kernel_url, "group": group})
+        shown = redact_urls(kernel_url) if kernel_url else None  # the spec file keeps it
+        print_json({"name": name, "path": path, "url": shown, "group": group})
     else:
         console.print(f"installed kernel spec {name!r} in {path}", soft_wrap=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ConfigError
+from .._redact import redact_urls
 from ._magics import EMBEDDED, GROUP_ENV, URL_ENV
 
 DEFAULT_NAME = "jsworker"
@@ -33,12 +34,15 @@ def kernel_spec(
             "{connection_file}",
             "--ext=jsworker",
         ],
-        "display_name": f"Python (jsworker: {url or 'embedded server'}"
+        # shown in Jupyter's kernel list: the URL without its password or token
+        "display_name": f"Python (jsworker: {redact_urls(url) if url else 'embedded server'}"
         + (f", group {group}" if group else "")
         + ")",
         "language": "python",
         "env": env,
-        "metadata": {"jsworker": {"url": url, "group": group, "name": name}},
+        "metadata": {
+            "jsworker": {"url": redact_urls(url) if url else None, "group": group, "name": name}
+        },
     }
 
 
