@@ -29,6 +29,9 @@ from ._sticky import STICKY_HEADER, STICKY_WORKER_GONE, StickyTask, bindings_kv
 
 log = logging.getLogger("jsworker.gate")
 
+#: a task whose rate limit cannot be checked (KV unreachable) is deferred this long
+KV_ERROR_DELAY = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Admission:
@@ -80,7 +83,10 @@ class Gate:
             meta = msg.metadata
             stream, seq = meta.stream, meta.sequence.stream
             if meta.num_delivered > 1:
-                deferrals = await self.limiter.deferrals(spec.task_type, stream, seq)
+                try:
+                    deferrals = await self.limiter.deferrals(spec.task_type, stream, seq)
+                except Exception as e:  # the attempt may count a deferral: logged
+                    log.warning("reading the deferrals of %s failed: %s", info.run_id, e)
                 if deferrals:
                     info = replace(info, attempt=max(1, info.attempt - deferrals))
             limits = []
@@ -94,7 +100,15 @@ class Gate:
             if spec.rate_limit is not None:
                 limits.append((bucket_key(spec.task_type, None), spec.rate_limit))
             for key, rl in limits:
-                delay = await self.limiter.acquire(key, rl, rt.draining, can_defer=not rt.ordered)
+                try:
+                    delay = await self.limiter.acquire(
+                        key, rl, rt.draining, can_defer=not rt.ordered
+                    )
+                except Exception as e:
+                    # KV rate_limits unreachable: the task waits (deferred), never runs
+                    # unlimited and is never dropped
+                    log.warning("rate limit %s not checked (%s): task deferred", key, e)
+                    delay = KV_ERROR_DELAY
                 if delay > 0:
                     await self._defer(spec, msg, info, stream, seq, deferrals + 1, delay)
                     return None

@@ -160,6 +160,16 @@ class Worker:
             self.js = nc.jetstream()
         except Exception as e:  # pragma: no cover - nats-py does not fail here today
             raise ConfigError(f"JetStream could not be initialised: {e}") from e
+        if telemetry is not None and not isinstance(telemetry, Telemetry):
+            raise ConfigError(f"telemetry must be a jsworker.Telemetry, got {telemetry!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a jsworker.RetryPolicy, got {retry!r}")
+        if (
+            not isinstance(max_iterations, int)
+            or isinstance(max_iterations, bool)
+            or max_iterations < 1
+        ):
+            raise ConfigError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         self.telemetry = telemetry or Telemetry()
         self.groups: tuple[str, ...] = groups or ()
         self.partitions = partitions
@@ -202,6 +212,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._supervisor: Supervisor | None = None
         self._executor: Executor | None = None
+        self._limiter: Limiter | None = None
         self._env: RuntimeEnv | None = None
         self._cancels: CancelWatcher | None = None
         self._directory: Directory | None = None
@@ -375,9 +386,8 @@ class Worker:
             await self.services.bind_optional()
             sup = self._supervisor = Supervisor(self.nc, self.health)
             self._cancels = CancelWatcher(self.services.signals, lambda r, why: None, sup.spawn)
-            gate = Gate(
-                self.js, self.worker_id, Limiter(self.js, hold=self.rate_limit_hold), self.stats
-            )
+            self._limiter = Limiter(self.js, hold=self.rate_limit_hold)
+            gate = Gate(self.js, self.worker_id, self._limiter, self.stats)
             executor = self._executor = Executor(
                 self.recorder,
                 self.services,
@@ -509,6 +519,8 @@ class Worker:
         rt = self._runtime_for(spec)
         self._runtimes[spec.task_type] = rt
         try:
+            if (spec.rate_limit or spec.key_rate_limit) and self._limiter is not None:
+                await self._limiter.bind()  # NotProvisionedError without KV rate_limits
             await rt.start()
         except Exception as e:
             # a failed start must not leave half a runtime (a joined group, a loop)

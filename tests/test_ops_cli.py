@@ -114,7 +114,9 @@ async def test_dead_list_show_json(
     p = await acli("dead", "list", "--type", ttype, env=server_env)
     assert p.returncode == 0, p.stderr
     assert f"2 dead letter(s) of {ttype}" in p.stdout
-    row = next(ln for ln in p.stdout.splitlines() if ln.strip("│ ").startswith(f"{s1} "))
+    row = next(  # (not the title line, which starts with the count: "2 dead letter(s)")
+        ln for ln in p.stdout.splitlines() if "run-a" in ln and ln.strip("│ ").startswith(f"{s1} ")
+    )
     assert "run-a" in row and "non_retriable" in row and "card declined" in row
     assert "by the bank" not in p.stdout  # the first line of the error only
     cells = re.split(r"\s{2,}", row.strip())  # seq type run kind att age error

@@ -14,7 +14,9 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -357,3 +359,48 @@ async def test_cli_ratelimit_show_reset_and_submit_sticky(
         p = await acli(*args, env=server_env)
         assert p.returncode in (1, 2) and p.stderr.strip(), (args, p.stderr)
         no_traceback(p)
+
+
+async def test_rate_limited_handler_needs_the_bucket(fresh_server: Any) -> None:
+    nc = await nats.connect(fresh_server.url)
+    try:
+        await jsworker.setup_all(nc)
+        await nc.jetstream().delete_key_value("rate_limits")
+        w = jsworker.Worker(nc)
+
+        async def h(ctx: jsworker.TaskContext) -> None:
+            return None
+
+        w.handle("plain", h)
+        w.handle("limited", h, rate_limit=jsworker.RateLimit(1))
+        with pytest.raises(jsworker.NotProvisionedError, match="rate_limits"):
+            await w.start()
+    finally:
+        await nc.close()
+
+
+async def test_unreachable_bucket_defers_never_runs_unlimited(fresh_server: Any) -> None:
+    """KV rate_limits gone while the worker runs: the task waits (deferred), it neither
+    runs past its limit nor is dropped; once the bucket is back it runs."""
+    nc = await nats.connect(fresh_server.url)
+    try:
+        await jsworker.setup_all(nc)
+        w = jsworker.Worker(nc, rate_limit_hold=0)
+        ran: list[int] = []
+
+        @w.handle("limited", rate_limit=jsworker.RateLimit(100))
+        async def h(ctx: jsworker.TaskContext) -> None:
+            ran.append(ctx.attempt)
+
+        async with w:
+            client = jsworker.Client(nc)
+            assert await (await client.submit("limited", 1)).result(timeout=10) is None
+            await nc.jetstream().delete_key_value("rate_limits")
+            handle = await client.submit("limited", 2)
+            await wait_for(lambda: w.stats.rate_limited >= 2, 15, "two deferrals")
+            assert len(ran) == 1
+            await jsworker.setup_all(nc)
+            assert await handle.result(timeout=15) is None
+            assert len(ran) == 2
+    finally:
+        await nc.close()

@@ -80,6 +80,12 @@ async def test_partitions_in_range_accepted(nc: NATS, ok: int) -> None:
         {"pull_expires": 0},
         {"retry": jsworker.RetryPolicy(max_attempts=-1)},
         {"worker_id": "bad id"},
+        {"retry": "x"},
+        {"telemetry": object()},
+        {"max_iterations": 0},
+        {"max_iterations": -1},
+        {"max_iterations": "x"},
+        {"max_iterations": True},
     ],
     ids=lambda kw: ",".join(f"{k}={v!r}" for k, v in kw.items()),
 )
