@@ -320,6 +320,7 @@ class LiveView:
     async def _loop(self, handle: Any, last: str) -> None:
         try:
             while not self.session.closed:
+                self._wake.clear()  # a wait_until() during the read below reads again at once
                 try:
                     snap = await take_snapshot(self.session, self.types)
                     page = snap._repr_html_()
@@ -334,7 +335,6 @@ class LiveView:
                     self.error = None
                 except Exception as e:  # kept in the view's repr, never lost in a log
                     self.error = f"{type(e).__name__}: {e}"
-                self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.every)
         finally:
