@@ -18,7 +18,7 @@ typecheck:
 
 check: lint typecheck test
 
-bench:  ## the whole suite: jsworker vs raw nats-py, taskiq, FastStream on one server
+bench:  ## the whole suite: jsworker (asyncio, uvloop) vs raw nats-py, taskiq, FastStream, nats-py-worker
 	$(PYTHON) bench/suite.py
 
 bench-throughput:  ## drain throughput, jsworker vs raw nats-py, in one process

@@ -294,20 +294,7 @@ class Client:
         without KV ``sticky_bindings``."""
         mode = validate_mode(sticky)
         producer = self.telemetry.start_producer(task_type, group)
-        if producer is None:
-            return await self._submit(
-                task_type,
-                input,
-                group,
-                run_id,
-                step_id,
-                metadata,
-                stream,
-                key,
-                sticky=mode,
-                last_step=last_step,
-            )
-        span, trace = producer
+        span, trace = producer if producer is not None else (None, None)
         try:
             handle = await self._submit(
                 task_type,
@@ -323,8 +310,11 @@ class Client:
                 last_step=last_step,
             )
         except BaseException as e:
-            Telemetry.end_producer(span, error=e)
+            if span is not None:
+                Telemetry.end_producer(span, error=e)
             raise
+        if span is None:
+            return handle
         Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
         return handle
 

@@ -187,14 +187,13 @@ async def test_live_display_updates_as_handlers_change(
     )
     assert res.data and "text/html" in res.data[0]
     await kernel.ok(f"session.handle({t!r}, lambda ctx: 1, partitions=4)")
-    # the display is updated in place (update_display_data) once the handler shows
+    # the display is updated in place (update_display_data) once the handler shows:
+    # wait until the view shows this session in the type's map (no sleeps)
     res = await kernel.ok(
-        textwrap.dedent("""
-        import asyncio
-        for _ in range(100):
-            if view.updates:
-                break
-            await asyncio.sleep(0.1)
+        textwrap.dedent(f"""
+        shown = await view.wait_until(
+            lambda s: session.worker.worker_id in s.members({t!r}), timeout=60
+        )
         assert view.updates, view
         """)
     )

@@ -4,6 +4,7 @@ handler, singletons, private groups, closing."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from interactive_helpers import own_server
@@ -116,3 +117,52 @@ async def test_tail_trusts_nothing_from_the_wire(
     assert "step.completed" in out
     print_event({"payload": ["x"], "type": 3})  # odd shapes print, never raise
     assert "3" in capsys.readouterr().out
+
+
+class _Handle:
+    """Stands in for IPython's DisplayHandle: records what the view sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def update(self, obj: object) -> None:
+        self.sent.append(obj)
+
+
+async def test_live_view_waits_until_it_shows_a_join_and_a_leave(
+    session: Session, unique: Callable[[str], str]
+) -> None:
+    from jsworker.interactive import LiveView
+    from jsworker.interactive._display import take_snapshot
+
+    t = unique("lv")
+    me = session.worker.worker_id
+    # a long period: wait_until reads again at once instead of waiting for the next tick
+    view = LiveView(session, every=5.0, types=[t])
+    handle = _Handle()
+    view.start(handle, await take_snapshot(session, [t]))
+    try:
+        assert view.shown is not None and view.shown.members(t) == []
+        session.handle(t, lambda ctx: 1, partitions=2)
+        await session.sync()
+        shown = await view.wait_until(lambda s: s.members(t) == [me], timeout=30)
+        assert view.shown is shown and view.updates >= 1
+        await session.remove(t)
+        await view.wait_until(lambda s: s.members(t) == [], timeout=30)
+        assert view.updates >= 2  # both changes were shown, none collapsed
+        assert [me] in [s.members(t) for s in handle.sent]
+        assert handle.sent[-1] is view.shown
+        with pytest.raises(TimeoutError, match=r"did not show what was awaited within 0.2 s"):
+            await view.wait_until(lambda s: False, timeout=0.2)
+    finally:
+        view.stop()
+    with pytest.raises(jsworker.LifecycleError, match="stopped before showing"):
+        await view.wait_until(lambda s: False)
+    assert "stopped" in repr(view)
+
+
+async def test_live_outside_a_kernel_is_a_clear_error(session: Session) -> None:
+    from jsworker.interactive import live
+
+    with pytest.raises(jsworker.LifecycleError, match="live needs a notebook kernel"):
+        await live(session)

@@ -11,9 +11,10 @@ IPython is imported only inside :func:`live`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .._errors import JSWorkerError
+from .._errors import JSWorkerError, LifecycleError
 
 if TYPE_CHECKING:
     from ._session import RecentOutcome, Session
@@ -90,6 +91,11 @@ class Snapshot:
     maps: list[GroupMap]
     recent: list[RecentOutcome]
     taken_at: float = field(default_factory=time.time)
+
+    def members(self, task_type: str) -> list[str]:
+        """The members this snapshot shows in ``task_type``'s map (sorted; empty when
+        the map is not shown or could not be read)."""
+        return sorted(m for g in self.maps if g.task_type == task_type for m in g.members)
 
     def __repr__(self) -> str:
         lines = [
@@ -293,7 +299,12 @@ def session_html(session: Session) -> str:
 
 
 class LiveView:
-    """A notebook display kept current by a task on the kernel's loop (see :func:`live`)."""
+    """A notebook display kept current by a task on the kernel's loop (see :func:`live`).
+
+    The view samples: it re-reads the snapshot every ``every`` seconds and sends it only
+    when it changed, so a member that joins and leaves between two reads never shows.
+    Code that depends on what the display shows waits on it with :meth:`wait_until`
+    (``shown`` is the snapshot on display now), not on ``updates`` or a sleep."""
 
     def __init__(self, session: Session, every: float, types: Sequence[str] = ()) -> None:
         self.session = session
@@ -302,46 +313,95 @@ class LiveView:
         self.task: asyncio.Task[None] | None = None
         self.updates = 0
         self.error: str | None = None
+        self.shown: Snapshot | None = None
+        self._changed = asyncio.Condition()
+        self._wake = asyncio.Event()
 
     async def _loop(self, handle: Any, last: str) -> None:
-        while not self.session.closed:
-            try:
-                snap = await take_snapshot(self.session, self.types)
-            except Exception as e:  # shown in the display, never lost in a log
-                self.error = f"{type(e).__name__}: {e}"
-                await asyncio.sleep(self.every)
-                continue
-            page = snap._repr_html_()
-            # timestamps aside, only a changed view is sent (keeps the notebook light)
-            if page != last:
-                handle.update(snap)
-                last = page
-                self.updates += 1
-            await asyncio.sleep(self.every)
+        try:
+            while not self.session.closed:
+                self._wake.clear()  # a wait_until() during the read below reads again at once
+                try:
+                    snap = await take_snapshot(self.session, self.types)
+                    page = snap._repr_html_()
+                    # timestamps aside, only a changed view is sent (keeps the notebook light)
+                    if page != last:
+                        handle.update(snap)
+                        last = page
+                        self.updates += 1
+                        async with self._changed:
+                            self.shown = snap
+                            self._changed.notify_all()
+                    self.error = None
+                except Exception as e:  # kept in the view's repr, never lost in a log
+                    self.error = f"{type(e).__name__}: {e}"
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.every)
+        finally:
+            async with self._changed:  # waiters learn the view has ended
+                self._changed.notify_all()
+
+    def start(self, handle: Any, first: Snapshot) -> None:
+        """Keep ``handle`` (an IPython ``DisplayHandle`` showing ``first``) updated."""
+        self.shown = first
+        self.task = asyncio.get_running_loop().create_task(
+            self._loop(handle, first._repr_html_()), name="jsworker-live"
+        )
+
+    def _running(self) -> bool:
+        return self.task is not None and not self.task.done() and not self.task.cancelling()
+
+    async def wait_until(
+        self, predicate: Callable[[Snapshot], bool], timeout: float = 30.0
+    ) -> Snapshot:
+        """Wait until the display shows a snapshot for which ``predicate`` holds (read
+        again at once, then every time it changes); returns that snapshot. Raises
+        :class:`TimeoutError` after ``timeout`` seconds and :class:`LifecycleError`
+        when the view has stopped, both naming what it shows."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._changed:
+            while self.shown is None or not predicate(self.shown):
+                if not self._running():
+                    raise LifecycleError(f"{self!r} stopped before showing what was awaited")
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"{self!r} did not show what was awaited within {timeout:g} s; "
+                        f"it shows: {self.shown!r}"
+                    )
+                self._wake.set()  # read now rather than at the next tick
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+            return self.shown
 
     def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
 
     def __repr__(self) -> str:
-        running = self.task is not None and not self.task.done() and not self.task.cancelling()
-        state = "running" if running else "stopped"
-        return f"<jsworker live view, {state}, {self.updates} updates>"
+        state = "running" if self._running() else "stopped"
+        error = f", last read failed: {self.error}" if self.error else ""
+        return f"<jsworker live view, {state}, {self.updates} updates{error}>"
 
 
 async def live(session: Session, every: float = 1.0, types: Sequence[str] = ()) -> LiveView:
     """Show the session's snapshot in this cell and keep it updated (every ``every``
     seconds, only when it changed) while the kernel is idle or runs other cells.
     ``types``: partitioned types to show the map of even when this session does not
-    handle them (yet). ``.stop()`` ends the updates; closing the session ends them."""
+    handle them (yet). ``.stop()`` ends the updates; closing the session ends them.
+    ``await view.wait_until(predicate)`` waits until the display shows a given state."""
     from IPython.display import display
 
     view = LiveView(session, every, types)
     first = await take_snapshot(session, view.types)
     handle = display(first, display_id=True)  # type: ignore[no-untyped-call]
-    view.task = asyncio.get_running_loop().create_task(
-        view._loop(handle, first._repr_html_()), name="jsworker-live"
-    )
+    if handle is None:  # no IPython shell: nothing to update in place
+        raise LifecycleError(
+            "live needs a notebook kernel (IPython): elsewhere use `await session.status()` "
+            "or `jsworker repl`"
+        )
+    view.start(handle, first)
     return view
 
 
