@@ -192,7 +192,14 @@ async def test_cluster_serves_jetstream_once_started() -> None:
         assert len(cluster.urls) == 3
         nc = await nats.connect(servers=cluster.urls, connect_timeout=2)
         try:
-            results = await asyncio.wait_for(jsworker.setup_all(nc, replicas=3), 30)
+            try:
+                results = await asyncio.wait_for(jsworker.setup_all(nc, replicas=3), 30)
+            except Exception as e:
+                # seen once in ~55 loaded starts: "no suitable peers for placement, peer
+                # offline" on a stream created after the readiness probe had placed one;
+                # the nodes' logs are what tells why (route lost? new meta leader?)
+                logs = "\n".join(f"--- {s.name}\n{s.log_tail(40)}" for s in cluster.servers)
+                raise AssertionError(f"setup_all failed after start(): {e!r}\n{logs}") from e
             assert {r.status for r in results} == {"created"}
             info = await nc.jetstream().stream_info("TASK_QUEUES")
             assert info.config.num_replicas == 3
