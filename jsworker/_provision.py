@@ -13,6 +13,8 @@ uses to fail a CI pipeline).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -215,7 +217,28 @@ async def _ensure(
     return ProvisionResult(kind, name, "drifted" if unsafe else "updated", details)
 
 
+#: a replicated stream cannot be placed yet (a node's JetStream has not reported to the
+#: meta leader, as right after a cluster starts or a node restarts): worth retrying
+_ERR_NO_PEERS = 10005
+PLACEMENT_RETRY_FOR = 10.0
+
+
 async def _create(js: JetStreamContext, spec: StreamSpec, replicas: int) -> None:
+    """Create one stream or bucket. "No suitable peers for placement" is retried for up
+    to ``PLACEMENT_RETRY_FOR`` seconds when replicated: a cluster that has just started
+    (or lost a node that is coming back) reports its peers within moments."""
+    deadline = time.monotonic() + PLACEMENT_RETRY_FOR
+    while True:
+        try:
+            await _create_once(js, spec, replicas)
+            return
+        except nats.js.errors.APIError as e:
+            if replicas == 1 or e.err_code != _ERR_NO_PEERS or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.25)
+
+
+async def _create_once(js: JetStreamContext, spec: StreamSpec, replicas: int) -> None:
     if spec.kv_bucket is not None:
         await js.create_key_value(
             bucket=spec.kv_bucket,

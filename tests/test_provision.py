@@ -250,3 +250,39 @@ async def test_server_without_jetstream(unused_tcp_port: int) -> None:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
+
+
+class _PlacementFails:
+    """A JetStream context whose first ``fails`` stream creations are refused with
+    ``err_code`` (what a cluster answers before every node has reported): it tests the
+    retry decision only; creating streams on real servers is tested above."""
+
+    def __init__(self, fails: int, err_code: int) -> None:
+        self.fails = fails
+        self.err_code = err_code
+        self.calls = 0
+
+    async def add_stream(self, config: StreamConfig) -> None:
+        import nats.js.errors
+
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise nats.js.errors.BadRequestError(
+                code=400, err_code=self.err_code, description="no suitable peers for placement"
+            )
+
+
+async def test_placement_refusal_is_retried_for_replicated_streams() -> None:
+    from jsworker import _provision
+
+    spec = next(s for s in _provision.stream_specs() if s.kv_bucket is None)
+    js = _PlacementFails(fails=3, err_code=10005)
+    await _provision._create(js, spec, replicas=3)  # type: ignore[arg-type]
+    assert js.calls == 4
+    import nats.js.errors
+
+    for fails, code, replicas in ((1, 10005, 1), (1, 10058, 3)):
+        js = _PlacementFails(fails=fails, err_code=code)
+        with pytest.raises(nats.js.errors.APIError):  # not retried: single replica, other code
+            await _provision._create(js, spec, replicas=replicas)  # type: ignore[arg-type]
+        assert js.calls == 1
