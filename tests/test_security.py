@@ -597,3 +597,46 @@ def test_dev_cluster_refuses_port_and_store_dir() -> None:
     assert p.returncode == 2 and "drop --port/--store-dir" in p.stderr
     p = cli("dev", "--demo", "--cluster", "2")
     assert p.returncode == 2 and "3<=x<=9" in p.stderr.replace(" ", "")
+
+
+async def test_workers_watch_stops_on_ctrl_c_while_the_directory_is_busy(
+    fresh_server: EmbeddedServer,
+) -> None:
+    """Python 3.11's wait_for can swallow a cancel that lands as an update arrives; with
+    a busy directory Ctrl-C was lost and `workers watch` ran on (4 hangs in 6 tries)."""
+    nc = await nats.connect(fresh_server.url)
+    await jsworker.setup_all(nc)
+    kv = await nc.jetstream().key_value("workers")
+    stop = asyncio.Event()
+
+    async def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            await kv.put(f"w{i % 50}", b'{"worker_id": "x"}')
+            if i % 3 == 0:
+                await kv.delete(f"w{(i + 7) % 50}")
+
+    busy = asyncio.create_task(churn())
+    env = {**os.environ, "NATS_URL": fresh_server.url}
+    try:
+        for _ in range(4):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "jsworker.cli", "workers", "watch", "--json",
+                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            for _ in range(50):  # it is live and busy
+                assert await asyncio.wait_for(proc.stdout.readline(), 30)
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.communicate(), 15)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert proc.returncode == 130
+    finally:
+        stop.set()
+        await busy
+        await nc.close()
