@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
@@ -42,6 +43,38 @@ log = logging.getLogger("jsworker.executor")
 MAX_TRACEBACK = 8192
 
 
+class RecordingBackoff:
+    """Holds back new task starts while outcomes cannot be recorded.
+
+    During a transient recording failure (the history stream's leader being elected,
+    a server restarting) every task the worker starts runs to an outcome it cannot
+    store, and runs again after AckWait: a handler with side effects would do its work
+    twice, for every task pulled meanwhile. So after a failure, tasks about to start
+    wait first: 0.25 s, doubling with each further failure up to 5 s; the next recorded
+    outcome resets it. The wait is bounded, so the recorder's delivery limit still ends
+    a task that can never be recorded, and a drain ends it at once."""
+
+    FIRST = 0.25
+    MAX = 5.0
+
+    def __init__(self) -> None:
+        self.pause = 0.0
+        self.until = 0.0
+        self.failures = 0
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.pause = min(self.MAX, max(self.FIRST, self.pause * 2))
+        self.until = time.monotonic() + self.pause
+
+    def succeeded(self) -> None:
+        self.pause = 0.0
+        self.until = 0.0
+
+    def remaining(self) -> float:
+        return self.until - time.monotonic() if self.until else 0.0
+
+
 class Executor:
     def __init__(
         self,
@@ -60,6 +93,8 @@ class Executor:
         self.is_cancelled = is_cancelled
         #: sticky binding and rate limits, before the handler runs (``_gate.py``)
         self.gate = gate
+        #: holds back task starts while outcomes cannot be recorded
+        self.backoff = RecordingBackoff()
         self._running: dict[str, set[tuple[TaskContext, asyncio.Task[Any] | None]]] = {}
         #: executions running per (task type, handler version)
         self.running_versions: dict[tuple[str, int], int] = {}
@@ -114,6 +149,15 @@ class Executor:
             if adm.failure is not None:
                 await self._gate_failure(rt, info, payload, msg, adm)
                 return
+        pause = self.backoff.remaining()
+        if pause > 0:
+            # outcomes could not be recorded a moment ago: running this task now would
+            # most likely only make work that runs again after AckWait
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.draining.wait(), pause)
+            if rt.draining.is_set():
+                await self._hand_back(msg)
+                return
         while True:
             spec = rt.spec  # the code as of now: a replacement applies from here
             ran = await self._attempt(rt, spec, info, payload, msg)
@@ -157,11 +201,13 @@ class Executor:
             )
             if adm is not None and self.gate is not None:
                 await self.gate.finished(spec, adm, outcome, msg)
+            self.backoff.succeeded()
         except Exception as e:
             # apply() raises only when it left the task for redelivery on purpose: the
             # outcome could not be recorded for a transient reason (server gone?). The
             # task comes back after AckWait and is recorded then (dedup ids), or is
             # dead-lettered from the recorder's delivery limit on.
+            self.backoff.failed()
             log.error(
                 "recording outcome of %s/%s failed (delivery %d), left for redelivery: %s",
                 info.run_id,

@@ -543,3 +543,54 @@ async def test_removing_a_partitioned_handler_waits_before_handing_over(
         assert await owns(a)
     (_, _, _, b_end), (_, _, a_start, _) = sorted(spans, key=lambda s: s[2])
     assert a_start >= b_end  # no overlap for key k
+
+
+async def test_task_starts_are_held_back_while_outcomes_cannot_be_recorded(
+    fresh_server: jsworker.EmbeddedServer,
+    unique: Callable[[str], str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While outcomes cannot be stored (here: the history stream is gone; in production,
+    its leader being elected), every task started runs again after AckWait. The worker
+    holds new starts back instead of running the whole queue for nothing; once recording
+    works again, everything completes, once."""
+    from jsworker._provision import setup_streams
+
+    nc = await nats.connect(fresh_server.url)
+    try:
+        await jsworker.setup_all(nc)
+        ttype = unique("held")
+        calls: list[int] = []
+        w = jsworker.Worker(nc, concurrency=4, ack_wait=2)
+
+        async def h(ctx: jsworker.TaskContext) -> int:
+            calls.append(ctx.json())
+            return int(ctx.json())
+
+        await jsworker.Client(nc).submit_many([jsworker.TaskRequest(ttype, i) for i in range(200)])
+        async with w:
+            await nc.jetstream().delete_stream("WORKFLOW_HISTORY")
+            w.handle(ttype, h)  # live: starts consuming with the history stream gone
+            await w.sync()
+
+            def unrecorded() -> int:
+                return sum("left for redelivery" in r.getMessage() for r in caplog.records)
+
+            async def failing() -> bool:  # three waves of 4 could not be recorded
+                return unrecorded() >= 12
+
+            await wait_until(failing, 30, "three waves of recording failures")
+            # the backoff is in force: far fewer starts than the 200 queued tasks
+            assert len(calls) < 100, len(calls)
+            await setup_streams(nc)  # recording works again
+            js = nc.jetstream()
+
+            async def drained() -> bool:
+                info = await js.consumer_info("TASK_QUEUES", ttype)
+                return info.num_pending == 0 and info.num_ack_pending == 0
+
+            await wait_until(drained, 120, "every task to complete")
+        assert sorted(set(calls)) == list(range(200))
+        assert w.stats.completed == 200
+    finally:
+        await nc.close()
