@@ -12,7 +12,6 @@ A test that cannot reach its server fails; nothing here skips.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import secrets
@@ -21,8 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from servers import provisioned_server
 
-import jsworker
 from jsworker import EmbeddedCluster, EmbeddedServer
 
 _counter = itertools.count()
@@ -30,18 +29,7 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[EmbeddedServer]:
-    srv = EmbeddedServer().start_sync()
-
-    async def provision() -> None:
-        nc = await nats.connect(srv.url)
-        try:
-            await jsworker.setup_all(nc)
-        finally:
-            await nc.close()
-
-    asyncio.run(provision())
-    yield srv
-    srv.stop_sync()
+    yield from provisioned_server()
 
 
 @pytest.fixture

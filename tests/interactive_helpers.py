@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
+from servers import provisioned_server
 
 from jsworker import EmbeddedServer
 
@@ -123,19 +124,4 @@ def own_server() -> Iterator[EmbeddedServer]:
     """A provisioned server for one test module. The interactive tests override the
     session-wide ``server`` fixture with it, so the many task types they create do not
     crowd the shared server (``jsworker top`` lists every type it has seen)."""
-    import nats
-
-    import jsworker
-
-    srv = EmbeddedServer().start_sync()
-
-    async def provision() -> None:
-        nc = await nats.connect(srv.url)
-        try:
-            await jsworker.setup_all(nc)
-        finally:
-            await nc.close()
-
-    asyncio.run(provision())
-    yield srv
-    srv.stop_sync()
+    yield from provisioned_server()

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
+from servers import provisioned_server
 
 import jsworker
 from jsworker import EmbeddedServer
@@ -43,18 +44,7 @@ TERMINAL = {"non_retriable", "exhausted", "invalid_payload", "unrecordable", "ma
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def small_server() -> Iterator[EmbeddedServer]:
-    srv = EmbeddedServer(max_payload=MAX_PAYLOAD).start_sync()
-
-    async def provision() -> None:
-        nc = await nats.connect(srv.url)
-        try:
-            await jsworker.setup_all(nc)
-        finally:
-            await nc.close()
-
-    asyncio.run(provision())
-    yield srv
-    srv.stop_sync()
+    yield from provisioned_server(max_payload=MAX_PAYLOAD)
 
 
 @pytest.fixture

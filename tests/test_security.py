@@ -21,6 +21,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from servers import provisioned_server
 
 import jsworker
 from jsworker import EmbeddedServer
@@ -43,18 +44,7 @@ def server() -> Iterator[EmbeddedServer]:
     """This module's own server (overrides the session one for ``nc`` and
     ``server_env`` here): the task types and hostile entries these tests write stay off
     the shared server, whose listings other tests read (``top``'s screen)."""
-    srv = EmbeddedServer().start_sync()
-
-    async def provision() -> None:
-        nc = await nats.connect(srv.url)
-        try:
-            await jsworker.setup_all(nc)
-        finally:
-            await nc.close()
-
-    asyncio.run(provision())
-    yield srv
-    srv.stop_sync()
+    yield from provisioned_server()
 
 
 def cli(
