@@ -4,6 +4,11 @@
     python _contenders.py jsworker|raw|raw-naive URL rate RATE SECS ID
     python _contenders.py jsworker|raw|raw-naive URL consume CONC ID [PARTITIONS]
 
+With PARTITIONS, jsworker and raw consume through the orbit.go elastic layout (see
+``_raw_member``); the suite tells each process its member index in ``JSB_MEMBER=i/n``.
+``JSB_KEYS=K`` makes the producer give the tasks K distinct partition keys (default: each
+task its own, the run id).
+
 Task type ``{kind}{ID}``; all consume from TASK_QUEUES and, per task, store one
 completion event on ``history.{run_id}`` (JetStream, PubAck received) before the ack:
 
@@ -20,6 +25,7 @@ consumer's ack floor reaching the last task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -28,8 +34,16 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    RetentionPolicy,
+    StreamConfig,
+    StreamSource,
+    SubjectTransform,
+)
 
 import jsworker
 
@@ -45,6 +59,11 @@ def first_call() -> None:
         print("FIRST", _first[0], flush=True)
 
 
+def _key(i: int) -> str | None:
+    keys = int(os.environ.get("JSB_KEYS") or 0)
+    return f"k{i % keys}" if keys else None
+
+
 async def produce() -> None:
     nc = await nats.connect(URL)
     client = jsworker.Client(nc)
@@ -55,7 +74,9 @@ async def produce() -> None:
         for start in range(0, n, 1000):
             await client.submit_many(
                 [
-                    jsworker.TaskRequest(TTYPE, {"pad": pad} if pad else None, run_id=f"{ID}-{i}")
+                    jsworker.TaskRequest(
+                        TTYPE, {"pad": pad} if pad else None, run_id=f"{ID}-{i}", key=_key(i)
+                    )
                     for i in range(start, min(n, start + 1000))
                 ]
             )
@@ -63,7 +84,7 @@ async def produce() -> None:
         rate, secs = float(ARG), float(sys.argv[5])
         t0 = time.monotonic()
         for i in range(int(rate * secs)):
-            await client.submit(TTYPE, {"t": time.time()}, run_id=f"{ID}-{i}")
+            await client.submit(TTYPE, {"t": time.time()}, run_id=f"{ID}-{i}", key=_key(i))
             delay = t0 + (i + 1) / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -112,13 +133,60 @@ def _event(m: Msg) -> tuple[str, bytes, dict[str, str]]:
     return f"history.{task['run_id']}", ev, headers
 
 
-async def consume_raw(conc: int) -> None:
+async def _raw_member(js: Any, partitions: int) -> Any:
+    """The orbit.go elastic layout jsworker uses, by hand: a work-queue stream
+    ``TASK_QUEUES-{type}`` sourcing the type's tasks with the partition transform, and per
+    process (``JSB_MEMBER=i/n`` from the suite) a consumer filtering its share of the
+    partitions, as ``jsworker._pcg_config`` assigns them to members ``m0 .. m{n-1}``."""
+    from jsworker._pcg_config import (
+        ElasticConfig,
+        PartitioningFilter,
+        partition_filters,
+        transform_destination,
+    )
+
+    i, n = (int(x) for x in os.environ.get("JSB_MEMBER", "0/1").split("/"))
+    pf = PartitioningFilter(f"task.{TTYPE}.*", (1,))
+    members = tuple(f"m{k}" for k in range(n))
+    cfg = ElasticConfig(max_members=partitions, partitioning_filters=(pf,), members=members)
+    stream = f"TASK_QUEUES-{TTYPE}"
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # the other member made it
+        await js.add_stream(
+            StreamConfig(
+                name=stream,
+                retention=RetentionPolicy.WORK_QUEUE,
+                sources=[
+                    StreamSource(
+                        name="TASK_QUEUES",
+                        subject_transforms=[
+                            SubjectTransform(
+                                src=pf.filter, dest=transform_destination(pf, partitions)
+                            )
+                        ],
+                    )
+                ],
+                allow_direct=True,
+            )
+        )
+    return await js.pull_subscribe(
+        "",
+        durable=members[i],
+        stream=stream,
+        config=ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            max_ack_pending=-1,
+            filter_subjects=partition_filters(cfg, members[i]),
+        ),
+    )
+
+
+async def consume_raw(conc: int, partitions: int = 0) -> None:
     """fetch, publish_async every event, gather the PubAcks, ack every message."""
     nc = await nats.connect(URL)
     js = nc.jetstream()
     print("READY", os.getpid(), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    psub = await _raw_consumer(js)
+    psub = await (_raw_member(js, partitions) if partitions else _raw_consumer(js))
     while True:
         try:
             msgs = await psub.fetch(conc, timeout=1.0)
@@ -173,4 +241,4 @@ if __name__ == "__main__":
     elif KIND == "raw-naive":
         _run(consume_raw_naive(int(ARG)))
     else:
-        _run(consume_raw(int(ARG)))
+        _run(consume_raw(int(ARG), int(sys.argv[6]) if len(sys.argv) > 6 else 0))

@@ -106,8 +106,12 @@ def _env(c: Contender) -> dict[str, str]:
     return {**os.environ, **c.env}
 
 
-async def run_producer(c: Contender, url: str, args: list[str]) -> None:
-    p = await asyncio.create_subprocess_exec(c.python, *c.argv, url, *args, env=_env(c))
+async def run_producer(
+    c: Contender, url: str, args: list[str], env: dict[str, str] | None = None
+) -> None:
+    p = await asyncio.create_subprocess_exec(
+        c.python, *c.argv, url, *args, env={**_env(c), **(env or {})}
+    )
     if await p.wait() != 0:
         raise RuntimeError(f"{c.name} producer failed")
 
@@ -118,7 +122,7 @@ async def start_consumers(
     """Start ``n`` consumer processes (each prints READY, then waits for ``go``); the
     ``FIRST <time>`` lines they print later are appended to ``firsts``."""
     procs = []
-    for _ in range(n):
+    for i in range(n):
         p = await asyncio.create_subprocess_exec(
             c.python,
             *c.argv,
@@ -127,7 +131,7 @@ async def start_consumers(
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=_env(c),
+            env={**_env(c), "JSB_MEMBER": f"{i}/{n}"},
         )
         assert p.stdout is not None
         line = await asyncio.wait_for(p.stdout.readline(), 60)
@@ -177,10 +181,11 @@ async def drained(
     """How many of the n tasks are done: acked, and (unpartitioned) only once the
     consumer's ack floor is the last task's sequence with nothing pending."""
     js = nc.jetstream()
-    if partitioned:
+    if partitioned:  # the tasks left in the origin and in the group's stream
+        ttype = c.stream_consumer(cid)[1]
         try:
-            si = await js.stream_info(f"TASK_QUEUES-jsworker{cid}")
-            origin = await js.stream_info("TASK_QUEUES", subjects_filter=f"task.jsworker{cid}.>")
+            si = await js.stream_info(f"TASK_QUEUES-{ttype}")
+            origin = await js.stream_info("TASK_QUEUES", subjects_filter=f"task.{ttype}.>")
         except nats.js.errors.NotFoundError:
             return 0
         left = si.state.messages + sum((origin.state.subjects or {}).values())
@@ -212,12 +217,13 @@ async def drain(
     partitions: int = 0,
     payload: int = 0,
     rss_at: int = 0,
+    keys: int = 0,
 ) -> dict[str, float]:
     """Drain n pre-published tasks; timed from the first handler call (the earliest
     ``FIRST`` any process printed) to the ack floor reaching the last task."""
     cid = secrets.token_hex(4)
     extra = [str(payload)] if payload else []
-    await run_producer(c, url, ["produce", str(n), cid, *extra])
+    await run_producer(c, url, ["produce", str(n), cid, *extra], {"JSB_KEYS": str(keys)})
     last_seq = await last_sequence(nc, c, cid)
     cargs = [str(conc), cid] + ([str(partitions)] if partitions else [])
     firsts: list[float] = []
@@ -381,15 +387,31 @@ async def main() -> None:
             js = contenders[0]
             if "scale" in sections:
                 scale: dict[str, Any] = {}
-                runs: dict[str, list[float]] = {"2_procs": [], "8_partitions_2_procs": []}
+                # jsworker and raw, each through the same layout: unpartitioned, and 8
+                # partitions (orbit.go elastic: a sourced work-queue stream, one consumer
+                # per process filtering its 4 partitions) with every task its own key
+                # (the default: the run id) and with 64 keys
+                raw = next(c for c in contenders if c.name == "raw")
+                setups = [
+                    (prefix, c, key)
+                    for prefix, c in (("", js), ("raw_", raw))
+                    for key in ("2_procs", "8_partitions_2_procs", "8_partitions_2_procs_64_keys")
+                ]
+                runs: dict[str, list[float]] = {p + k: [] for p, _, k in setups}
                 for r in range(args.rounds):
-                    for key in list(runs) if r % 2 == 0 else list(runs)[::-1]:
-                        log(f"scale: jsworker {key} (round {r + 1})")
+                    for prefix, c, key in setups if r % 2 == 0 else setups[::-1]:
+                        log(f"scale: {c.name} {key} (round {r + 1})")
                         d = await drain(
-                            nc, srv.url, js, args.tasks, procs=2, partitions=8 if "8" in key else 0
+                            nc,
+                            srv.url,
+                            c,
+                            args.tasks,
+                            procs=2,
+                            partitions=8 if "partitions" in key else 0,
+                            keys=64 if "keys" in key else 0,
                         )
                         log(f"  {d['tasks_per_s']:.0f} tasks/s")
-                        runs[key].append(round(d["tasks_per_s"], 1))
+                        runs[prefix + key].append(round(d["tasks_per_s"], 1))
                 scale["runs"] = runs
                 scale.update({k: statistics.median(v) for k, v in runs.items()})
                 for procs in (1, 4):
@@ -432,6 +454,15 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         out["partitioned (8, 2 procs) / unpartitioned (2 procs)"] = round(
             sc["8_partitions_2_procs"] / sc["2_procs"], 3
         )
+        for prefix, who in (("", "jsworker"), ("raw_", "raw")):
+            base = sc.get(f"{prefix}2_procs")
+            for key in ("8_partitions_2_procs", "8_partitions_2_procs_64_keys"):
+                if base and sc.get(prefix + key):
+                    out[f"{who} {key} / {who} 2_procs"] = round(sc[prefix + key] / base, 3)
+        if sc.get("raw_8_partitions_2_procs"):
+            out["partitioned: jsworker / raw"] = round(
+                sc["8_partitions_2_procs"] / sc["raw_8_partitions_2_procs"], 3
+            )
     lat = r.get("latency", {})
     if "jsworker" in lat and "raw" in lat:
         out["p99 submit->handler ms jsworker / raw"] = [
