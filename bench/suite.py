@@ -8,8 +8,9 @@ received, then ack):
 
 * jsworker (asyncio) and jsworker-uvloop (the same on uvloop);
 * raw: the strongest hand-written nats-py loop (fetch 256, ``publish_async`` every
-  event, gather the PubAcks, ack each); raw-naive: one awaited ``js.publish`` per task
-  in a gather of the batch;
+  event, gather the PubAcks, ack each), and raw-uvloop (the same on uvloop: what uvloop
+  gives the leanest client); raw-naive: one awaited ``js.publish`` per task in a gather
+  of the batch;
 * taskiq + taskiq-nats and FastStream's JetStream pull subscriber, tuned (batch 256,
   concurrency 256) and with their libraries' defaults (``-defaults``);
 * nats-py-worker (PyPI ``nats-py-worker``, batch 256): no completion events, only the
@@ -23,7 +24,8 @@ Measured: drain throughput (N pre-published no-op tasks, median and spread of
 consumer's ack floor reaching the last task with nothing pending; latency at a fixed
 rate (p50/p99 submit -> handler call and submit -> completion event seen); submit
 throughput (``Client.submit_many`` vs raw ``publish_async``, bench/submit.py); jsworker
-scale (1, 2, 4 processes; 8 partitions on 2; payloads 64 B / 4 KiB / 64 KiB); jsworker
+scale (1, 2, 4 processes; 8 partitions on 2, jsworker and raw through the same orbit.go
+layout, every task its own key and 64 keys; payloads 64 B / 4 KiB / 64 KiB); jsworker
 RSS over 100,000 tasks (after 10k vs after 100k). The ratios of docs/performance.md's
 targets are computed at the end.
 """
@@ -337,6 +339,7 @@ async def main() -> None:
             Contender("jsworker", sys.executable, [own, "jsworker"]),
             Contender("jsworker-uvloop", sys.executable, [own, "jsworker"], "jsworker", uv),
             Contender("raw", sys.executable, [own, "raw"]),
+            Contender("raw-uvloop", sys.executable, [own, "raw"], "raw", uv),
             Contender("raw-naive", sys.executable, [own, "raw-naive"]),
         ]
         for p in peers:
@@ -449,6 +452,8 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
                 out[f"drain jsworker/{k}"] = round(t["jsworker"] / v, 3)
         if t.get("jsworker-uvloop"):
             out["drain jsworker-uvloop/jsworker"] = round(t["jsworker-uvloop"] / t["jsworker"], 3)
+        if t.get("raw-uvloop") and t.get("raw"):  # what uvloop gives the leanest client
+            out["drain raw-uvloop/raw"] = round(t["raw-uvloop"] / t["raw"], 3)
     sc = r.get("scale", {})
     if sc.get("2_procs"):
         out["partitioned (8, 2 procs) / unpartitioned (2 procs)"] = round(
