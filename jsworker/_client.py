@@ -20,6 +20,7 @@ from nats.js.kv import KeyValue
 
 from . import _names as n
 from . import _wire as w
+from ._aio import raise_if_cancelling
 from ._errors import (
     ConfigError,
     NotProvisionedError,
@@ -495,6 +496,8 @@ class Client:
                     if timeout is not None:
                         return
                     continue
+                finally:
+                    raise_if_cancelling()  # a cancel next_msg swallowed (Python 3.11)
                 with contextlib.suppress(ValueError):
                     yield json.loads(msg.data)
         finally:

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from . import _names as n
+from ._aio import raise_if_cancelling
 from ._errors import InvalidNameError, NotProvisionedError, PermanentError, TaskError
 from ._wire import dumps, loads, now_rfc3339, to_json_value
 
@@ -157,6 +158,8 @@ class Services:
                     entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
                 except nats.errors.TimeoutError:
                     continue
+                finally:
+                    raise_if_cancelling()  # a cancel updates() swallowed (Python 3.11)
                 if entry is None or entry.operation in KV_DEL_OPS:
                     continue
                 return decode_value(n.SIGNALS_BUCKET, entry.key, entry.value)

@@ -630,3 +630,48 @@ async def test_workers_watch_stops_on_ctrl_c_while_the_directory_is_busy(
         stop.set()
         await busy
         await nc.close()
+
+
+@pytest.mark.parametrize("command", [["events", "--follow"], ["watch"]])
+async def test_task_follow_stops_on_ctrl_c_while_the_history_is_busy(
+    fresh_server: EmbeddedServer, command: list[str]
+) -> None:
+    """`task events --follow` and `task watch` read the history through nats-py's
+    next_msg, whose Python 3.11 wait_for can swallow a cancel that lands as an event
+    arrives: like `workers watch`, Ctrl-C must end them while events keep coming."""
+    nc = await nats.connect(fresh_server.url)
+    await jsworker.setup_all(nc)
+    js = nc.jetstream()
+    run_id = "busy-" + os.urandom(4).hex()
+    stop = asyncio.Event()
+
+    async def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            ev = {"type": "step.progress", "run_id": run_id, "step_id": "main", "n": i}
+            await js.publish(f"history.{run_id}", json.dumps(ev).encode())
+
+    busy = asyncio.create_task(churn())
+    env = {**os.environ, "NATS_URL": fresh_server.url}
+    try:
+        for _ in range(4):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "jsworker.cli", "task", command[0], run_id, *command[1:],
+                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            for _ in range(50):  # it is live and busy
+                assert await asyncio.wait_for(proc.stdout.readline(), 30)
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.communicate(), 15)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert proc.returncode == 130
+    finally:
+        stop.set()
+        await busy
+        await nc.close()

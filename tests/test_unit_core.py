@@ -302,3 +302,24 @@ async def test_a_late_status_for_an_expired_request_releases_nothing() -> None:
     assert (credits.free, loop.outstanding) == before
     await loop.stop()
     assert credits.free == 3  # the held message's credit is still taken
+
+
+async def test_raise_if_cancelling_honours_a_cancel_an_await_swallowed() -> None:
+    from jsworker._aio import raise_if_cancelling
+
+    async def quiet() -> str:
+        raise_if_cancelling()  # nothing asked: returns
+        return "ran"
+
+    async def asked() -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # asked for, but (as Python 3.11's wait_for may) not delivered
+        raise_if_cancelling()
+        return "ran on"
+
+    assert await asyncio.create_task(quiet()) == "ran"
+    t = asyncio.create_task(asked())
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    assert t.cancelled()

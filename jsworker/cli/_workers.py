@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
+from .._aio import raise_if_cancelling
 from .._directory import list_workers
 from .._errors import NotProvisionedError
 from ._connect import ConnOptions, denied, denied_message, pass_conn, run, with_nc
@@ -173,14 +174,10 @@ async def watch_directory(nc: NATS, emit: Any, *, check_every: float = 1.0) -> N
     def event(kind: str, key: str, entry: Any = None) -> None:
         emit({"event": kind, "worker_id": key, "at": _now(), "entry": entry})
 
-    me = asyncio.current_task()
     try:
         while True:
-            if me is not None and me.cancelling():
-                # Python 3.11's wait_for (inside nats-py's updates()) can swallow a
-                # cancel that lands as an update arrives: with a busy directory, Ctrl-C
-                # was then lost and the watch ran on. A cancel asked for is honoured here.
-                raise asyncio.CancelledError
+            # with a busy directory, a Ctrl-C that updates() swallowed ran the watch on
+            raise_if_cancelling()
             try:
                 update = await watcher.updates(timeout=check_every)
             except nats.errors.TimeoutError:
