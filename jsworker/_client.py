@@ -60,8 +60,8 @@ class TaskRequest:
     last_step: bool = False
 
 
-#: seconds without any event after which ``wait_outcome`` subscribes afresh
-OUTCOME_RESUBSCRIBE = 5.0
+#: seconds without an event after which wait_outcome checks its consumer still exists
+OUTCOME_CHECK = 5.0
 
 
 class TaskHandle:
@@ -477,17 +477,7 @@ class Client:
         """Every event on ``history.{run_id}`` from the first, then live ones. Stops when
         no event arrives for ``timeout`` seconds (``None``: never)."""
         n.validate_token(run_id, "run id")
-        try:
-            sub = await self.js.subscribe(
-                n.history_subject(run_id),
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-                stream=n.HISTORY_STREAM,
-            )
-        except nats.js.errors.NotFoundError:
-            raise NotProvisionedError(
-                f"stream {n.HISTORY_STREAM} does not exist: run `jsworker kv setup`"
-            ) from None
+        sub = await self._history(run_id)
         try:
             while True:
                 try:
@@ -504,24 +494,58 @@ class Client:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def _history(self, run_id: str) -> Any:
+        """An ordered push subscription to ``history.{run_id}``, from its first event."""
+        try:
+            return await self.js.subscribe(
+                n.history_subject(run_id),
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+                stream=n.HISTORY_STREAM,
+            )
+        except nats.js.errors.NotFoundError:
+            raise NotProvisionedError(
+                f"stream {n.HISTORY_STREAM} does not exist: run `jsworker kv setup`"
+            ) from None
+
     async def wait_outcome(
         self, run_id: str, step_id: str, *, timeout: float | None = 60.0
     ) -> dict[str, Any]:
         """The terminal event of a step (``step.completed``), or raise ``TaskFailed``."""
 
         async def _wait() -> dict[str, Any]:
-            # Re-read the history after every quiet spell: the ephemeral consumer behind
-            # the subscription can be lost with a cluster node, and would then stay
-            # silent for good. Re-reading from the start is cheap (one run's events).
+            # One subscription for the whole wait. After every quiet spell its consumer
+            # is looked up (one API request): only if the server no longer has it (an
+            # ephemeral consumer can be lost with a cluster node, and would then stay
+            # silent for good) is the history subscribed to and read again from the
+            # start, which is cheap (one run's events).
             while True:
+                sub = None
                 try:
-                    async for ev in self.run_events(run_id, timeout=OUTCOME_RESUBSCRIBE):
-                        found = _outcome_of(ev, step_id)
+                    sub = await self._history(run_id)
+                    while True:
+                        try:
+                            msg = await sub.next_msg(timeout=OUTCOME_CHECK)
+                        except nats.errors.TimeoutError:
+                            if await _consumer_alive(sub):
+                                continue
+                            break
+                        finally:
+                            raise_if_cancelling()  # a cancel next_msg swallowed
+                        try:
+                            ev = json.loads(msg.data)
+                        except ValueError:
+                            continue  # not an event: written by someone else
+                        found = _outcome_of(ev, step_id) if isinstance(ev, dict) else None
                         if found is not None:
                             return found
                 except nats.errors.Error:
                     # reconnecting or a JetStream API hiccup during failover: try again
                     await asyncio.sleep(0.5)
+                finally:
+                    if sub is not None:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
 
         try:
             return await asyncio.wait_for(_wait(), timeout)
@@ -550,6 +574,16 @@ async def _translate(subject: str, aw: Awaitable[T]) -> T:
         ) from None
     except nats.errors.TimeoutError:
         raise ServerError(f"publishing {subject} timed out") from None
+
+
+async def _consumer_alive(sub: Any) -> bool:
+    """True if the server still has the subscription's consumer; False if it does not,
+    or cannot say (then subscribing again is the safe choice)."""
+    try:
+        await sub.consumer_info()
+    except Exception:
+        return False
+    return True
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

@@ -193,3 +193,73 @@ async def test_worker_start_with_partial_provisioning(fresh_server: EmbeddedServ
         assert not w.running
     finally:
         await nc.close()
+
+
+async def test_wait_outcome_keeps_one_consumer_and_survives_losing_it(
+    nc: NATS, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long wait used to subscribe afresh (a new consumer, the history replayed) after
+    every 5 s without an event. It now keeps its subscription and only looks its
+    consumer up; when the server has lost it, it subscribes again and still gets the
+    outcome."""
+    import asyncio
+
+    from jsworker import _client
+
+    monkeypatch.setattr(_client, "OUTCOME_CHECK", 0.2)  # five checks a second
+    ttype, run = unique("long"), unique("run")
+    creates: list[str] = []
+    infos: list[str] = []
+
+    async def on_create(msg: nats.aio.msg.Msg) -> None:
+        creates.append(msg.subject)
+
+    async def on_info(msg: nats.aio.msg.Msg) -> None:
+        infos.append(msg.subject)
+
+    # the JetStream API requests this wait makes (consumers of other tests' runs filter
+    # other subjects; a create request names the filter as its last tokens or its body)
+    async def mine_create(msg: nats.aio.msg.Msg) -> None:
+        if f"history.{run}".encode() in msg.data or msg.subject.endswith(f"history.{run}"):
+            await on_create(msg)
+
+    watch = await nc.subscribe("$JS.API.CONSUMER.CREATE.WORKFLOW_HISTORY.>", cb=mine_create)
+    watch2 = await nc.subscribe("$JS.API.CONSUMER.CREATE.WORKFLOW_HISTORY", cb=mine_create)
+    watch3 = await nc.subscribe("$JS.API.CONSUMER.INFO.WORKFLOW_HISTORY.>", cb=on_info)
+    release = asyncio.Event()
+    w = jsworker.Worker(nc)
+
+    @w.handle(ttype)
+    async def slow(ctx: jsworker.TaskContext) -> object:
+        await release.wait()
+        return "done"
+
+    async def until(cond: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 15
+        while not cond():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+
+    js = nc.jetstream()
+    client = jsworker.Client(nc)
+    async with w:
+        h = await client.submit(ttype, None, run_id=run)
+        waiting = asyncio.create_task(h.result(timeout=30))
+        await until(lambda: len(creates) == 1)
+        names = [
+            c.name
+            for c in await js.consumers_info("WORKFLOW_HISTORY")
+            if c.config.filter_subject == f"history.{run}"
+        ]
+        assert len(names) == 1
+        # about a second of quiet waiting: five lookups of that consumer, no new one
+        await until(lambda: sum(i.endswith(names[0]) for i in infos) >= 5)
+        assert len(creates) == 1, creates  # the old code: one per quiet spell
+        # the server loses the consumer (as with a cluster node): the wait notices
+        await js.delete_consumer("WORKFLOW_HISTORY", names[0])
+        await until(lambda: len(creates) == 2)
+        release.set()
+        assert await waiting == "done"
+    await watch.unsubscribe()
+    await watch2.unsubscribe()
+    await watch3.unsubscribe()
