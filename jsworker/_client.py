@@ -6,7 +6,7 @@ import asyncio
 import collections
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -15,7 +15,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from . import _names as n
@@ -473,35 +473,56 @@ class Client:
 
     async def run_events(
         self, run_id: str, *, timeout: float | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Every event on ``history.{run_id}`` from the first, then live ones. Stops when
-        no event arrives for ``timeout`` seconds (``None``: never)."""
+        no event arrives for ``timeout`` seconds (``None``: never).
+
+        Following (``timeout=None``), the subscription's consumer is looked up after
+        every ``OUTCOME_CHECK`` seconds without an event (one API request). An ephemeral
+        consumer can be lost with a cluster node and would then stay silent for good:
+        if the server no longer has it, a new subscription carries on from the event
+        after the last one yielded."""
         n.validate_token(run_id, "run id")
+        last = 0  # stream sequence of the last event read
         sub = await self._history(run_id)
         try:
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=timeout if timeout is not None else 3600.0)
+                    msg = await sub.next_msg(
+                        timeout=timeout if timeout is not None else OUTCOME_CHECK
+                    )
                 except nats.errors.TimeoutError:
                     if timeout is not None:
                         return
+                    if not await _consumer_alive(sub):
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                        sub = await self._history(run_id, after=last)
                     continue
                 finally:
                     raise_if_cancelling()  # a cancel next_msg swallowed (Python 3.11)
+                with contextlib.suppress(Exception):
+                    last = msg.metadata.sequence.stream
                 with contextlib.suppress(ValueError):
                     yield json.loads(msg.data)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _history(self, run_id: str) -> Any:
-        """An ordered push subscription to ``history.{run_id}``, from its first event."""
+    async def _history(self, run_id: str, *, after: int = 0) -> Any:
+        """An ordered push subscription to ``history.{run_id}``: from its first event, or
+        from the first one stored after stream sequence ``after``."""
+        start: dict[str, Any] = (
+            {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1}
+            if after
+            else {"deliver_policy": DeliverPolicy.ALL}
+        )
         try:
             return await self.js.subscribe(
                 n.history_subject(run_id),
                 ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
                 stream=n.HISTORY_STREAM,
+                config=ConsumerConfig(**start),
             )
         except nats.js.errors.NotFoundError:
             raise NotProvisionedError(
@@ -514,38 +535,18 @@ class Client:
         """The terminal event of a step (``step.completed``), or raise ``TaskFailed``."""
 
         async def _wait() -> dict[str, Any]:
-            # One subscription for the whole wait. After every quiet spell its consumer
-            # is looked up (one API request): only if the server no longer has it (an
-            # ephemeral consumer can be lost with a cluster node, and would then stay
-            # silent for good) is the history subscribed to and read again from the
-            # start, which is cheap (one run's events).
+            # One subscription, kept for the whole wait (run_events re-subscribes only
+            # if the server lost its consumer); read again from the start after an error.
             while True:
-                sub = None
                 try:
-                    sub = await self._history(run_id)
-                    while True:
-                        try:
-                            msg = await sub.next_msg(timeout=OUTCOME_CHECK)
-                        except nats.errors.TimeoutError:
-                            if await _consumer_alive(sub):
-                                continue
-                            break
-                        finally:
-                            raise_if_cancelling()  # a cancel next_msg swallowed
-                        try:
-                            ev = json.loads(msg.data)
-                        except ValueError:
-                            continue  # not an event: written by someone else
-                        found = _outcome_of(ev, step_id) if isinstance(ev, dict) else None
-                        if found is not None:
-                            return found
+                    async with contextlib.aclosing(self.run_events(run_id)) as events:
+                        async for ev in events:
+                            found = _outcome_of(ev, step_id) if isinstance(ev, dict) else None
+                            if found is not None:
+                                return found
                 except nats.errors.Error:
                     # reconnecting or a JetStream API hiccup during failover: try again
                     await asyncio.sleep(0.5)
-                finally:
-                    if sub is not None:
-                        with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
 
         try:
             return await asyncio.wait_for(_wait(), timeout)

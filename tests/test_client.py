@@ -263,3 +263,61 @@ async def test_wait_outcome_keeps_one_consumer_and_survives_losing_it(
     await watch.unsubscribe()
     await watch2.unsubscribe()
     await watch3.unsubscribe()
+
+
+async def test_following_events_survives_a_lost_consumer(
+    nc: NATS, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run_events` following a run (`task events --follow`, `task watch`): when the
+    server loses its consumer, it subscribes again from the event after the last one it
+    gave, so nothing is missed and nothing repeats."""
+    import asyncio
+    import json
+
+    from jsworker import _client
+
+    monkeypatch.setattr(_client, "OUTCOME_CHECK", 0.2)
+    run = unique("run")
+    js = nc.jetstream()
+    got: list[int] = []
+
+    async def publish(i: int) -> None:
+        ev = {"type": "step.progress", "run_id": run, "step_id": "main", "i": i}
+        await js.publish(f"history.{run}", json.dumps(ev).encode())
+
+    async def follow() -> None:
+        async for ev in jsworker.Client(nc).run_events(run):
+            got.append(ev["i"])
+            if len(got) == 6:
+                return
+
+    async def until(cond: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 15
+        while not cond():
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.02)
+
+    for i in range(3):
+        await publish(i)
+    follower = asyncio.create_task(follow())
+    await until(lambda: len(got) == 3)
+    mine = [
+        c.name
+        for c in await js.consumers_info("WORKFLOW_HISTORY")
+        if c.config.filter_subject == f"history.{run}"
+    ]
+    assert len(mine) == 1
+    await js.delete_consumer("WORKFLOW_HISTORY", mine[0])
+
+    async def replaced() -> bool:
+        infos = await js.consumers_info("WORKFLOW_HISTORY")
+        return any(c.config.filter_subject == f"history.{run}" for c in infos)
+
+    deadline = time.monotonic() + 15
+    while not await replaced():  # the follower noticed and subscribed again
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    for i in range(3, 6):
+        await publish(i)
+    await asyncio.wait_for(follower, 15)
+    assert got == [0, 1, 2, 3, 4, 5]
