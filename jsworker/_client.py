@@ -495,9 +495,13 @@ class Client:
                     if timeout is not None:
                         return
                     if not await _consumer_alive(sub):
+                        try:
+                            fresh = await self._history(run_id, after=last)
+                        except nats.errors.Error:
+                            continue  # e.g. a leader election: look again after a while
                         with contextlib.suppress(Exception):
                             await sub.unsubscribe()
-                        sub = await self._history(run_id, after=last)
+                        sub = fresh
                     continue
                 finally:
                     raise_if_cancelling()  # a cancel next_msg swallowed (Python 3.11)
