@@ -190,7 +190,7 @@ async def consume_raw(conc: int, partitions: int = 0) -> None:
     while True:
         try:
             msgs = await psub.fetch(conc, timeout=1.0)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own or asyncio's (the builtin)
             continue
         first_call()
         acks = []
@@ -218,7 +218,7 @@ async def consume_raw_naive(conc: int) -> None:
     while True:
         try:
             msgs = await psub.fetch(conc, timeout=1.0)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own or asyncio's (the builtin)
             continue
         first_call()
         await asyncio.gather(*(one(m) for m in msgs))

@@ -170,10 +170,14 @@ async def stop(procs: list[Any]) -> None:
 
 
 def rss_kib(pid: int, field: str = "VmHWM") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+    """From /proc; 0 when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
     return 0
 
 
@@ -244,6 +248,9 @@ async def drain(
             if time.time() - t_go > 600:
                 raise RuntimeError(f"{c.name} did not drain {n} tasks in 600 s")
         t_end = time.time()
+        for p in ps:  # a contender that died mid-drain makes the figure meaningless
+            if p.returncode is not None:
+                raise RuntimeError(f"{c.name}: a consumer exited ({p.returncode}) during the drain")
         rss_end = rss_kib(ps[0].pid, "VmRSS")
         hwm = rss_kib(ps[0].pid)
     finally:
@@ -393,12 +400,18 @@ async def main() -> None:
                 # jsworker and raw, each through the same layout: unpartitioned, and 8
                 # partitions (orbit.go elastic: a sourced work-queue stream, one consumer
                 # per process filtering its 4 partitions) with every task its own key
-                # (the default: the run id) and with 64 keys
+                # (the default: the run id) and with 64 keys; and 2 partitions, one per
+                # process, so each consumer has a single filter
                 raw = next(c for c in contenders if c.name == "raw")
                 setups = [
                     (prefix, c, key)
                     for prefix, c in (("", js), ("raw_", raw))
-                    for key in ("2_procs", "8_partitions_2_procs", "8_partitions_2_procs_64_keys")
+                    for key in (
+                        "2_procs",
+                        "8_partitions_2_procs",
+                        "8_partitions_2_procs_64_keys",
+                        "2_partitions_2_procs",
+                    )
                 ]
                 runs: dict[str, list[float]] = {p + k: [] for p, _, k in setups}
                 for r in range(args.rounds):
@@ -410,7 +423,7 @@ async def main() -> None:
                             c,
                             args.tasks,
                             procs=2,
-                            partitions=8 if "partitions" in key else 0,
+                            partitions=int(key[0]) if "partitions" in key else 0,
                             keys=64 if "keys" in key else 0,
                         )
                         log(f"  {d['tasks_per_s']:.0f} tasks/s")
@@ -461,7 +474,11 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         )
         for prefix, who in (("", "jsworker"), ("raw_", "raw")):
             base = sc.get(f"{prefix}2_procs")
-            for key in ("8_partitions_2_procs", "8_partitions_2_procs_64_keys"):
+            for key in (
+                "8_partitions_2_procs",
+                "8_partitions_2_procs_64_keys",
+                "2_partitions_2_procs",
+            ):
                 if base and sc.get(prefix + key):
                     out[f"{who} {key} / {who} 2_procs"] = round(sc[prefix + key] / base, 3)
         if sc.get("raw_8_partitions_2_procs"):

@@ -232,7 +232,7 @@ async def run_raw(
         while done < args.tasks:
             try:
                 msgs = await sub.fetch(args.batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio's (the builtin)
                 continue
             if not first:
                 first = time.perf_counter()
@@ -287,7 +287,7 @@ async def run_raw_naive(
         while done < args.tasks:
             try:
                 msgs = await sub.fetch(args.batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio's (the builtin)
                 continue
             if not first:
                 first = time.perf_counter()
