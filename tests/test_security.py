@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -589,30 +589,18 @@ def test_dev_cluster_refuses_port_and_store_dir() -> None:
     assert p.returncode == 2 and "3<=x<=9" in p.stderr.replace(" ", "")
 
 
-async def test_workers_watch_stops_on_ctrl_c_while_the_directory_is_busy(
-    fresh_server: EmbeddedServer,
+async def ctrl_c_while_busy(
+    url: str, args: list[str], churn: Callable[[asyncio.Event], Awaitable[None]]
 ) -> None:
-    """Python 3.11's wait_for can swallow a cancel that lands as an update arrives; with
-    a busy directory Ctrl-C was lost and `workers watch` ran on (4 hangs in 6 tries)."""
-    nc = await nats.connect(fresh_server.url)
-    await jsworker.setup_all(nc)
-    kv = await nc.jetstream().key_value("workers")
+    """Run `jsworker ARGS` 4 times while ``churn`` keeps what it reads busy; each time,
+    once it has printed 50 lines, Ctrl-C must end it (exit 130) within 15 s."""
     stop = asyncio.Event()
-
-    async def churn() -> None:
-        i = 0
-        while not stop.is_set():
-            i += 1
-            await kv.put(f"w{i % 50}", b'{"worker_id": "x"}')
-            if i % 3 == 0:
-                await kv.delete(f"w{(i + 7) % 50}")
-
-    busy = asyncio.create_task(churn())
-    env = {**os.environ, "NATS_URL": fresh_server.url}
+    busy = asyncio.create_task(churn(stop))
+    env = {**os.environ, "NATS_URL": url}
     try:
         for _ in range(4):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "jsworker.cli", "workers", "watch", "--json",
+                sys.executable, "-m", "jsworker.cli", *args,
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             assert proc.stdout is not None
@@ -629,6 +617,28 @@ async def test_workers_watch_stops_on_ctrl_c_while_the_directory_is_busy(
     finally:
         stop.set()
         await busy
+
+
+async def test_workers_watch_stops_on_ctrl_c_while_the_directory_is_busy(
+    fresh_server: EmbeddedServer,
+) -> None:
+    """Python 3.11's wait_for can swallow a cancel that lands as an update arrives; with
+    a busy directory Ctrl-C was lost and `workers watch` ran on (4 hangs in 6 tries)."""
+    nc = await nats.connect(fresh_server.url)
+    await jsworker.setup_all(nc)
+    kv = await nc.jetstream().key_value("workers")
+
+    async def churn(stop: asyncio.Event) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            await kv.put(f"w{i % 50}", b'{"worker_id": "x"}')
+            if i % 3 == 0:
+                await kv.delete(f"w{(i + 7) % 50}")
+
+    try:
+        await ctrl_c_while_busy(fresh_server.url, ["workers", "watch", "--json"], churn)
+    finally:
         await nc.close()
 
 
@@ -643,35 +653,16 @@ async def test_task_follow_stops_on_ctrl_c_while_the_history_is_busy(
     await jsworker.setup_all(nc)
     js = nc.jetstream()
     run_id = "busy-" + os.urandom(4).hex()
-    stop = asyncio.Event()
 
-    async def churn() -> None:
+    async def churn(stop: asyncio.Event) -> None:
         i = 0
         while not stop.is_set():
             i += 1
             ev = {"type": "step.progress", "run_id": run_id, "step_id": "main", "n": i}
             await js.publish(f"history.{run_id}", json.dumps(ev).encode())
 
-    busy = asyncio.create_task(churn())
-    env = {**os.environ, "NATS_URL": fresh_server.url}
     try:
-        for _ in range(4):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "jsworker.cli", "task", command[0], run_id, *command[1:],
-                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            assert proc.stdout is not None
-            for _ in range(50):  # it is live and busy
-                assert await asyncio.wait_for(proc.stdout.readline(), 30)
-            proc.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(proc.communicate(), 15)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            assert proc.returncode == 130
+        args = ["task", command[0], run_id, *command[1:]]
+        await ctrl_c_while_busy(fresh_server.url, args, churn)
     finally:
-        stop.set()
-        await busy
         await nc.close()
