@@ -195,6 +195,22 @@ async def test_worker_start_with_partial_provisioning(fresh_server: EmbeddedServ
         await nc.close()
 
 
+async def history_consumers(nc: NATS, run: str) -> list[str]:
+    """Names of the WORKFLOW_HISTORY consumers reading ``history.{run}``."""
+    infos = await nc.jetstream().consumers_info("WORKFLOW_HISTORY")
+    return [c.name for c in infos if c.config.filter_subject == f"history.{run}"]
+
+
+async def until(cond: Callable[[], bool], what: object = "") -> None:
+    """Wait (polling) until ``cond()`` holds; fail after 15 s."""
+    import asyncio
+
+    deadline = time.monotonic() + 15
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
 async def test_wait_outcome_keeps_one_consumer_and_survives_losing_it(
     nc: NATS, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,23 +250,13 @@ async def test_wait_outcome_keeps_one_consumer_and_survives_losing_it(
         await release.wait()
         return "done"
 
-    async def until(cond: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 15
-        while not cond():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-
     js = nc.jetstream()
     client = jsworker.Client(nc)
     async with w:
         h = await client.submit(ttype, None, run_id=run)
         waiting = asyncio.create_task(h.result(timeout=30))
         await until(lambda: len(creates) == 1)
-        names = [
-            c.name
-            for c in await js.consumers_info("WORKFLOW_HISTORY")
-            if c.config.filter_subject == f"history.{run}"
-        ]
+        names = await history_consumers(nc, run)
         assert len(names) == 1
         # about a second of quiet waiting: five lookups of that consumer, no new one
         await until(lambda: sum(i.endswith(names[0]) for i in infos) >= 5)
@@ -291,30 +297,15 @@ async def test_following_events_survives_a_lost_consumer(
             if len(got) == 6:
                 return
 
-    async def until(cond: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 15
-        while not cond():
-            assert time.monotonic() < deadline, got
-            await asyncio.sleep(0.02)
-
     for i in range(3):
         await publish(i)
     follower = asyncio.create_task(follow())
-    await until(lambda: len(got) == 3)
-    mine = [
-        c.name
-        for c in await js.consumers_info("WORKFLOW_HISTORY")
-        if c.config.filter_subject == f"history.{run}"
-    ]
+    await until(lambda: len(got) == 3, got)
+    mine = await history_consumers(nc, run)
     assert len(mine) == 1
     await js.delete_consumer("WORKFLOW_HISTORY", mine[0])
-
-    async def replaced() -> bool:
-        infos = await js.consumers_info("WORKFLOW_HISTORY")
-        return any(c.config.filter_subject == f"history.{run}" for c in infos)
-
     deadline = time.monotonic() + 15
-    while not await replaced():  # the follower noticed and subscribed again
+    while not await history_consumers(nc, run):  # the follower subscribed again
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     for i in range(3, 6):
