@@ -60,7 +60,8 @@ class TaskRequest:
     last_step: bool = False
 
 
-#: seconds without an event after which wait_outcome checks its consumer still exists
+#: seconds without an event after which a follow (run_events without a timeout, so
+#: wait_outcome too) checks that its consumer still exists
 OUTCOME_CHECK = 5.0
 
 
@@ -545,7 +546,7 @@ class Client:
                 try:
                     async with contextlib.aclosing(self.run_events(run_id)) as events:
                         async for ev in events:
-                            found = _outcome_of(ev, step_id) if isinstance(ev, dict) else None
+                            found = _outcome_of(ev, step_id)
                             if found is not None:
                                 return found
                 except nats.errors.Error:
@@ -596,17 +597,24 @@ def _consume(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
-def _outcome_of(ev: dict[str, Any], step_id: str) -> dict[str, Any] | None:
-    """``ev`` if it is the step's success; raise ``TaskFailed`` if it ends the step
-    otherwise; ``None`` for any other event."""
-    if ev.get("step_id") != step_id:
+def _outcome_of(ev: object, step_id: str) -> dict[str, Any] | None:
+    """``ev`` (any decoded JSON: the history is written by other languages too) if it is
+    the step's success; raise ``TaskFailed`` if it ends the step otherwise; ``None`` for
+    any other event or a body that is not an event."""
+    if not isinstance(ev, dict) or ev.get("step_id") != step_id:
         return None
     et = ev.get("type")
-    p = ev.get("payload") or {}
+    p = ev.get("payload")
+    p = p if isinstance(p, dict) else {}
+    kind = p.get("kind")
     if et == w.STEP_COMPLETED:
         return ev
-    if et == w.STEP_FAILED and p.get("kind") in w.TERMINAL_KINDS | {"max_iterations"}:
-        raise TaskFailed(str(p.get("error", "")), str(p.get("kind")), ev)
+    if (
+        et == w.STEP_FAILED
+        and isinstance(kind, str)
+        and kind in w.TERMINAL_KINDS | {"max_iterations"}
+    ):
+        raise TaskFailed(str(p.get("error", "")), kind, ev)
     if et == w.STEP_CANCELLED:
         raise TaskFailed(str(p.get("reason", "cancelled")), "cancelled", ev)
     return None

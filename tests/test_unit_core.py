@@ -323,3 +323,34 @@ async def test_raise_if_cancelling_honours_a_cancel_an_await_swallowed() -> None
     with pytest.raises(asyncio.CancelledError):
         await t
     assert t.cancelled()
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        [1, 2],
+        "step.completed",
+        None,
+        {"step_id": "main", "type": "step.failed", "payload": [1]},
+        {"step_id": "main", "type": "step.failed", "payload": {"kind": ["exhausted"]}},
+        {"step_id": "main", "type": "step.failed", "payload": {"kind": "retriable"}},
+    ],
+)
+def test_a_foreign_history_body_is_not_an_outcome(foreign: object) -> None:
+    """Other languages write to history.{run} too: what is not an event of this step
+    (or not an object at all) neither ends the wait nor breaks it."""
+    from jsworker._client import _outcome_of
+
+    assert _outcome_of(foreign, "main") is None
+
+
+def test_terminal_events_end_the_wait() -> None:
+    from jsworker._client import _outcome_of
+
+    done = {"step_id": "main", "type": "step.completed", "payload": {"output": 1}}
+    assert _outcome_of(done, "main") is done
+    assert _outcome_of(done, "other") is None
+    failed = {"step_id": "main", "type": "step.failed", "payload": {"kind": "exhausted"}}
+    with pytest.raises(jsworker.TaskFailed) as e:
+        _outcome_of(failed, "main")
+    assert e.value.kind == "exhausted"
