@@ -178,7 +178,8 @@ class TaskContext:
         await self._services.publish_chunk(self.info, chunk, self._chunks)
 
     async def checkpoint(self, state: object) -> None:
-        """Save ``state`` (JSON) in KV ``checkpoints`` under ``{run_id}.{step_id}``."""
+        """Save ``state`` (JSON) in KV ``checkpoints`` under ``{run_id}.{step_id}``. In
+        DagNats mode ``bytes`` are stored as they are (as DagNats's ``Checkpoint``)."""
         await self._services.save_checkpoint(self.info, state)
         self._checkpointed = True
 
@@ -193,6 +194,19 @@ class TaskContext:
         if state is not None:
             self._checkpointed = True
         return state
+
+    async def load_checkpoint_bytes(self) -> bytes | None:
+        """The last saved checkpoint as stored (raw bytes), or ``None``: for values a
+        DagNats Go worker saved, which need not be JSON."""
+        state = await self._services.load_checkpoint_bytes(self.info)
+        if state is not None:
+            self._checkpointed = True
+        return state
+
+    async def wait_for_signal_bytes(self, name: str, timeout: Duration) -> bytes:
+        """As :meth:`wait_for_signal`, the value as stored (raw bytes)."""
+        t = seconds(timeout, name="timeout", maximum=3600.0)
+        return await self._services.wait_for_signal_bytes(self.info.run_id, name, t)
 
     async def wait_for_signal(self, name: str, timeout: Duration) -> Any:
         """Wait for signal ``name`` of this run (sent before or after this call).

@@ -21,6 +21,7 @@ from ._supervisor import Supervisor
 from ._telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from ._dagnats import Contract
     from ._handler import HandlerRuntime
     from ._sticky import StickySettings
 
@@ -57,3 +58,5 @@ class RuntimeEnv:
     sticky: StickySettings
     #: the running handler runtime of a task type, if any (sticky tasks are run by it)
     runtime_of: Callable[[str], HandlerRuntime | None]
+    #: consumer names, filters and settings of the engine's contract (``_dagnats.py``)
+    contract: Contract

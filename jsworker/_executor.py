@@ -241,19 +241,8 @@ class Executor:
         payload returned is what a successor (``continue_``) is built from: with
         telemetry on, it carries this attempt's span as ``traceparent``."""
         self.stats.started += 1
-        await self.recorder.event(
-            info,
-            payload,
-            w.STEP_STARTED,
-            attempt_suffix(info),
-            {
-                "task_type": spec.task_type,
-                "task_id": payload.task_id,
-                "iteration": payload.iteration,
-                "group": info.group,
-            },
-            wait=False,
-        )
+        if not await self._started(spec, info, payload, msg):
+            return None
         ctx = TaskContext(info, payload, msg, self.services, asyncio.get_running_loop())
         entry = (ctx, asyncio.current_task() if spec.is_async else None)
         self._running.setdefault(info.run_id, set()).add(entry)
@@ -294,6 +283,26 @@ class Executor:
         if ctx.cancelled and ctx.outcome is None and outcome.kind != "cancelled":
             outcome = Outcome("cancelled", error=ctx._cancel_reason)
         return outcome, ctx, payload
+
+    async def _started(
+        self, spec: HandlerSpec, info: TaskInfo, payload: w.TaskPayload, msg: Msg
+    ) -> bool:
+        """Write ``step.started`` before the handler runs; ``False`` when the task was
+        handed back instead. Standalone: best effort, fire and forget."""
+        await self.recorder.event(
+            info,
+            payload,
+            w.STEP_STARTED,
+            attempt_suffix(info),
+            {
+                "task_type": spec.task_type,
+                "task_id": payload.task_id,
+                "iteration": payload.iteration,
+                "group": info.group,
+            },
+            wait=False,
+        )
+        return True
 
     async def _hand_back(self, msg: Msg) -> None:
         self.stats.nacked_on_stop += 1

@@ -156,6 +156,9 @@ class HandlerRuntime:
         self.draining = asyncio.Event()
         #: grace for the next drain when it is not the worker's (``remove_handler``)
         self.drain_grace: float | None = None
+        #: the AckWait of the consumer the tasks come from (heartbeats renew at a third);
+        #: in DagNats mode the shared consumer's, whoever created it
+        self.lease = spec.ack_wait
 
     @property
     def task_type(self) -> str:
@@ -192,9 +195,10 @@ class HandlerRuntime:
         )
 
     async def start(self) -> None:
+        c = self.env.contract
         for group in self.env.groups:
-            name = n.consumer_name(self.spec.task_type, group)
-            await self._ensure_consumer(name, n.task_filter(self.spec.task_type, group))
+            name = c.consumer_name(self.spec.task_type, group)
+            await self._ensure_consumer(name, c.task_filter(self.spec.task_type, group))
             self.consumers.append(name)
         for name in self.consumers:
             loop = self._pull_loop(
@@ -212,6 +216,9 @@ class HandlerRuntime:
         self._hb_task = self.env.supervisor.spawn(f"heartbeat:{self.task_type}", self._heartbeats)
 
     async def _ensure_consumer(self, name: str, filt: str) -> None:
+        if self.env.contract.dagnats:
+            await self._bind_shared(name, filt)
+            return
         js = self.env.js
         want = ConsumerConfig(
             name=name,
@@ -253,9 +260,60 @@ class HandlerRuntime:
                     f"cannot create consumer {name!r} (filter {filt!r}): another consumer on the "
                     f"work-queue stream {n.TASK_STREAM} overlaps it. A worker without groups "
                     f"(filter task.{self.spec.task_type}.>) and workers with groups cannot serve "
-                    "the same task type at once: give every worker of this type groups, or none."
+                    "the same task type at once: give every worker of this type groups, or none "
+                    "(a consumer named workers-... is DagNats's: start this worker with "
+                    "--engine dagnats)."
                 ) from None
             raise ServerError(f"creating consumer {name!r} failed: {e.description}") from None
+
+    async def _bind_shared(self, name: str, filt: str) -> None:
+        """DagNats mode: the durable ``workers-{type}[-{group}]`` is shared with Go
+        workers and the HTTP bridge. An existing one is used as it is (its settings are
+        DagNats's; updating them would fight every Go worker's start); a missing one is
+        created exactly as a Go worker creates it."""
+        js = self.env.js
+        try:
+            info = await js.consumer_info(n.TASK_STREAM, name)
+        except nats.js.errors.NotFoundError as e:
+            if getattr(e, "err_code", None) == 10059:
+                raise NotProvisionedError(
+                    f"stream {n.TASK_STREAM} does not exist: is the DagNats engine running "
+                    "on this server? (it creates its streams when it starts)"
+                ) from None
+            info = None
+        if info is not None:
+            have = info.config.filter_subject or ",".join(info.config.filter_subjects or [])
+            if have != filt:
+                raise ConsumerConflictError(
+                    f"consumer {name!r} on {n.TASK_STREAM} filters {have!r}, not {filt!r}: "
+                    "another task type or group maps to the same DagNats consumer name"
+                )
+            self.lease = float(info.config.ack_wait or self.lease)
+            return
+        from ._dagnats import DEFAULT_ACK_WAIT
+
+        want = ConsumerConfig(
+            name=name,
+            durable_name=name,
+            filter_subject=filt,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=DEFAULT_ACK_WAIT,
+            max_deliver=-1,
+        )
+        try:
+            await js.add_consumer(n.TASK_STREAM, want)
+        except nats.js.errors.APIError as e:
+            if e.err_code == _ERR_NOT_UNIQUE:
+                raise ConsumerConflictError(
+                    f"cannot create consumer {name!r} (filter {filt!r}): another consumer on "
+                    f"{n.TASK_STREAM} overlaps it. A standalone jsworker worker of "
+                    f"{self.spec.task_type!r} (consumer {self.spec.task_type!r}) or a "
+                    "partitioned group of it is running: stop it, or run every worker of "
+                    "this type in the same mode and shape"
+                ) from None
+            raise ServerError(f"creating consumer {name!r} failed: {e.description}") from None
+        self.lease = DEFAULT_ACK_WAIT
 
     def _dispatch(self, msg: Msg) -> None:
         task = asyncio.create_task(self.env.executor.execute(self, msg))
@@ -273,10 +331,11 @@ class HandlerRuntime:
             self.env.health.consumer_deleted += 1
             log.error("consumer for %s was deleted; recreating it", self.spec.task_type)
             try:
+                c = self.env.contract
                 for group in self.env.groups:
                     await self._ensure_consumer(
-                        n.consumer_name(self.spec.task_type, group),
-                        n.task_filter(self.spec.task_type, group),
+                        c.consumer_name(self.spec.task_type, group),
+                        c.task_filter(self.spec.task_type, group),
                     )
             except Exception as e:
                 self.env.health.last_error = f"recreating consumer of {self.task_type}: {e}"
@@ -289,7 +348,7 @@ class HandlerRuntime:
         worker's task is never redelivered; a dead worker stops renewing, and the task
         is redelivered about one AckWait later."""
         while True:
-            every = self.spec.ack_wait / 3
+            every = self.lease / 3
             await asyncio.sleep(every)
             now = time.monotonic()
             extended = 0

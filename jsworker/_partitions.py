@@ -59,6 +59,7 @@ from nats.js.kv import KeyValue
 
 from . import _names as n
 from ._aio import cancel_and_wait
+from ._dagnats import STANDALONE_CONTRACT, Contract
 from ._directory import ensure_presence, probe
 from ._env import RuntimeEnv
 from ._errors import NotProvisionedError, ServerError
@@ -97,14 +98,30 @@ SETTLE = 0.2
 SETTLE_MAX = 1.0
 
 
-def partition_filter(task_type: str, group: str | None) -> str:
-    return f"task.{task_type}.{group}.*" if group else f"task.{task_type}.*"
+def partition_filter(
+    task_type: str, group: str | None, contract: Contract = STANDALONE_CONTRACT
+) -> str:
+    return contract.partition_filter(task_type, group)
 
 
-def wanted_config(task_type: str, group: str | None, partitions: int) -> ElasticConfig:
+def wanted_config(
+    task_type: str,
+    group: str | None,
+    partitions: int,
+    contract: Contract = STANDALONE_CONTRACT,
+) -> ElasticConfig:
+    """The group config this worker wants: standalone partitions by the key token; in
+    DagNats mode exactly what DagNats's Go worker passes to orbit.go ``CreateElastic``
+    (whole-subject partitioning, 1024 buffered messages), so members of both languages
+    share one group."""
     return ElasticConfig(
         max_members=partitions,
-        partitioning_filters=(PartitioningFilter(partition_filter(task_type, group), (1,)),),
+        partitioning_filters=(
+            PartitioningFilter(
+                contract.partition_filter(task_type, group), contract.partitioning_wildcards
+            ),
+        ),
+        max_buffered_msg=contract.max_buffered_msg,
     )
 
 
@@ -171,7 +188,8 @@ class ElasticMember:
         self.task_type = rt.spec.task_type
         self.group = group
         self.partitions = partitions
-        self.cg = n.consumer_name(self.task_type, group)
+        self.contract = self.env.contract
+        self.cg = self.contract.group_name(self.task_type, group)
         self.key = group_key(n.TASK_STREAM, self.cg)
         self.stream = group_stream(n.TASK_STREAM, self.cg)
         self.me = self.env.worker_id
@@ -214,7 +232,7 @@ class ElasticMember:
 
     async def _ensure_config(self) -> None:
         assert self.kv is not None
-        want = wanted_config(self.task_type, self.group, self.partitions)
+        want = wanted_config(self.task_type, self.group, self.partitions, self.contract)
         try:
             await self.kv.create(self.key, want.to_json())
             return
@@ -223,20 +241,25 @@ class ElasticMember:
         entry = await self.kv.get(self.key)
         have = ElasticConfig.from_json(entry.value or b"")
         validate(have)
-        if have.max_members != want.max_members or (
-            [
-                (p.filter, tuple(p.partitioning_wildcards or ()))
-                for p in have.partitioning_filters or ()
-            ]
-            != [
-                (p.filter, tuple(p.partitioning_wildcards or ()))
-                for p in want.partitioning_filters or ()
-            ]
+        if (
+            have.max_members != want.max_members
+            or have.max_buffered_msg != want.max_buffered_msg
+            or (
+                [
+                    (p.filter, tuple(p.partitioning_wildcards or ()))
+                    for p in have.partitioning_filters or ()
+                ]
+                != [
+                    (p.filter, tuple(p.partitioning_wildcards or ()))
+                    for p in want.partitioning_filters or ()
+                ]
+            )
         ):
             raise PartitionConfigError(
                 f"elastic group {self.key} exists with {have.max_members} partitions and filters "
                 f"{[p.filter for p in have.partitioning_filters or ()]}, but this worker wants "
-                f"{want.max_members} on {partition_filter(self.task_type, self.group)}; delete "
+                f"{want.max_members} on "
+                f"{partition_filter(self.task_type, self.group, self.contract)}; delete "
                 f"it (`jsworker partitions delete {self.task_type}`) once it is drained"
             )
 
@@ -248,7 +271,8 @@ class ElasticMember:
         except nats.js.errors.NotFoundError:
             pass
         origin = await js.stream_info(n.TASK_STREAM)
-        pf = wanted_config(self.task_type, self.group, self.partitions).partitioning_filters
+        want = wanted_config(self.task_type, self.group, self.partitions, self.contract)
+        pf = want.partitioning_filters
         assert pf is not None
         src = StreamSource(
             name=n.TASK_STREAM,
@@ -267,6 +291,7 @@ class ElasticMember:
                     num_replicas=origin.config.num_replicas,
                     discard=DiscardPolicy.NEW,
                     sources=[src],
+                    max_msgs=want.max_buffered_msg or None,
                     # exactly orbit.go CreateElastic's settings (no description etc.), so
                     # a later CreateElastic for this group finds an identical stream
                     allow_direct=True,

@@ -329,13 +329,15 @@ async def _guard(coro: object) -> ProvisionResult:
         raise ServerError("JetStream API did not answer in time") from None
 
 
-async def require_stream(js: JetStreamContext, name: str) -> None:
+async def require_stream(
+    js: JetStreamContext,
+    name: str,
+    hint: str = "run `jsworker kv setup` (or jsworker.setup_all(nc))",
+) -> None:
     try:
         await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        raise NotProvisionedError(
-            f"stream {name} does not exist: run `jsworker kv setup` (or jsworker.setup_all(nc))"
-        ) from None
+        raise NotProvisionedError(f"stream {name} does not exist: {hint}") from None
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
         raise ServerError("JetStream is not enabled on this server") from None
 

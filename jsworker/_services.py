@@ -71,6 +71,9 @@ class Services:
         self.checkpoints: KeyValue | None = None
         self.signals: KeyValue | None = None
         self._bound = False
+        #: DagNats mode: ``bytes`` checkpoints and signal data are stored as they are
+        #: (DagNats stores raw bytes); other values as JSON, as in standalone mode
+        self.raw = False
 
     async def bind_optional(self) -> None:
         """Bind the optional buckets if they exist (called by ``Worker.start``)."""
@@ -100,18 +103,25 @@ class Services:
     # ------------------------------------------------------------ checkpoints
     async def save_checkpoint(self, info: TaskInfo, state: object) -> None:
         kv = await self._need(n.CHECKPOINTS_BUCKET)
-        await kv.put(
-            n.checkpoint_key(info.run_id, info.step_id), dumps(to_json_value(state, "checkpoint"))
-        )
+        await kv.put(n.checkpoint_key(info.run_id, info.step_id), self._encode(state, "checkpoint"))
 
-    async def load_checkpoint(self, info: TaskInfo) -> Any:
+    def _encode(self, value: object, what: str) -> bytes:
+        if self.raw and isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value)
+        return dumps(to_json_value(value, what))
+
+    async def load_checkpoint_bytes(self, info: TaskInfo) -> bytes | None:
         kv = await self._need(n.CHECKPOINTS_BUCKET)
-        key = n.checkpoint_key(info.run_id, info.step_id)
         try:
-            entry = await kv.get(key)
+            entry = await kv.get(n.checkpoint_key(info.run_id, info.step_id))
         except nats.js.errors.KeyNotFoundError:
             return None
-        return decode_value(n.CHECKPOINTS_BUCKET, key, entry.value)
+        return bytes(entry.value or b"")
+
+    async def load_checkpoint(self, info: TaskInfo) -> Any:
+        value = await self.load_checkpoint_bytes(info)
+        key = n.checkpoint_key(info.run_id, info.step_id)
+        return decode_value(n.CHECKPOINTS_BUCKET, key, value)
 
     async def clear_checkpoint(self, run_id: str, step_id: str) -> None:
         """Delete a finished task's checkpoint (no error when the bucket is missing)."""
@@ -129,7 +139,7 @@ class Services:
         if name.startswith("_"):
             raise InvalidNameError(f"signal name {name!r}: names starting with '_' are reserved")
         kv = await self._need(n.SIGNALS_BUCKET)
-        return await kv.put(n.signal_key(run_id, name), dumps(to_json_value(data, "signal data")))
+        return await kv.put(n.signal_key(run_id, name), self._encode(data, "signal data"))
 
     async def list_signals(self, run_id: str) -> dict[str, Any]:
         """Current signals of a run, by name (reserved ``_`` names included)."""
@@ -141,6 +151,12 @@ class Services:
         return out
 
     async def wait_for_signal(self, run_id: str, name: str, timeout: float) -> Any:
+        key = n.signal_key(run_id, name)
+        return decode_value(
+            n.SIGNALS_BUCKET, key, await self.wait_for_signal_bytes(run_id, name, timeout)
+        )
+
+    async def wait_for_signal_bytes(self, run_id: str, name: str, timeout: float) -> bytes:
         n.validate_token(name, "signal name")
         kv = await self._need(n.SIGNALS_BUCKET)
         # A watch delivers the key's current value first, so a signal sent before the
@@ -162,7 +178,7 @@ class Services:
                     raise_if_cancelling()  # a cancel updates() swallowed (Python 3.11)
                 if entry is None or entry.operation in KV_DEL_OPS:
                     continue
-                return decode_value(n.SIGNALS_BUCKET, entry.key, entry.value)
+                return bytes(entry.value or b"")
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
 

@@ -18,8 +18,10 @@ from typing import Any, TypeVar, overload
 
 from nats.aio.client import Client as NATS
 
+from . import _dagnats as dn
 from . import _names as n
 from ._cancel import CancelWatcher
+from ._dagnats_worker import DagnatsExecutor, RunWatcher
 from ._directory import Directory
 from ._duration import Duration, seconds
 from ._env import RuntimeEnv
@@ -111,6 +113,12 @@ class Worker:
         rate_limit_hold: a task over its rate limit whose next token is due within this
             long is held (its lease renewed) instead of nak'ed (default 2 s;
             docs/rate-limiting.md).
+        engine: ``"standalone"`` (jsworker's own contract: worker-owned retries, dead
+            letters, ``continue_``), ``"dagnats"`` (a DagNats engine drives the worker:
+            docs/dagnats.md) or ``"auto"``: DagNats mode when the server has DagNats's
+            ``SLEEP_TIMERS`` stream or ``workflow_runs`` bucket, standalone otherwise.
+            Default: ``$JSWORKER_ENGINE``, else ``auto``. :attr:`engine` says which was
+            chosen once the worker started.
 
     Handlers may be registered before or after :meth:`start`; on a running worker a
     registration goes live at once (see :meth:`handle`). ``start`` with no handlers is
@@ -137,6 +145,7 @@ class Worker:
         sticky_soft_timeout: Duration = DEFAULT_SOFT_TIMEOUT,
         sticky_hard_timeout: Duration = DEFAULT_HARD_TIMEOUT,
         rate_limit_hold: Duration = DEFAULT_HOLD,
+        engine: str | None = None,
     ) -> None:
         if nc is None:
             raise ConfigError("Worker needs a connected NATS client (nc is None)")
@@ -200,6 +209,9 @@ class Worker:
         self.rate_limit_hold = seconds(
             rate_limit_hold, name="rate_limit_hold", allow_zero=True, maximum=60.0
         )
+        #: the engine asked for; :attr:`engine` is the one in use (known after start)
+        self.engine_setting = dn.engine_setting(engine)
+        self.engine = self.engine_setting
         self.stats = WorkerStats()
         self.health = WorkerHealth()
         self.services = Services(nc)
@@ -215,6 +227,7 @@ class Worker:
         self._limiter: Limiter | None = None
         self._env: RuntimeEnv | None = None
         self._cancels: CancelWatcher | None = None
+        self._runs: RunWatcher | None = None
         self._directory: Directory | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._converging: asyncio.Task[None] | None = None
@@ -380,24 +393,42 @@ class Worker:
         self._state = "starting"
         self._loop = asyncio.get_running_loop()
         try:
-            await require_stream(self.js, n.TASK_STREAM)
-            await require_stream(self.js, n.HISTORY_STREAM)
-            await require_stream(self.js, n.DEAD_LETTER_STREAM)
+            if self.engine_setting == dn.AUTO:
+                self.engine = await detect_engine(self.js)
+            dagnats = self.engine == dn.DAGNATS
+            if dagnats:
+                await check_dagnats_streams(self.js)
+            else:
+                await require_stream(self.js, n.TASK_STREAM)
+                await require_stream(self.js, n.HISTORY_STREAM)
+                await require_stream(self.js, n.DEAD_LETTER_STREAM)
+            self.services.raw = dagnats
             await self.services.bind_optional()
             sup = self._supervisor = Supervisor(self.nc, self.health)
-            self._cancels = CancelWatcher(self.services.signals, lambda r, why: None, sup.spawn)
-            self._limiter = Limiter(self.js, hold=self.rate_limit_hold)
-            gate = Gate(self.js, self.worker_id, self._limiter, self.stats)
-            executor = self._executor = Executor(
-                self.recorder,
-                self.services,
-                self.stats,
-                self.telemetry,
-                self._cancels.reason,
-                gate,
-            )
-            self._cancels.on_cancel = executor.on_cancel
-            await self._cancels.start()
+            executor: Executor
+            if dagnats:
+                # the engine owns retries, rate limits, sticky routing and cancellation
+                executor = self._executor = DagnatsExecutor(
+                    self.recorder, self.services, self.stats, self.telemetry, lambda r: None
+                )
+                runs = self._runs = RunWatcher(self.js, sup.spawn, executor.on_cancel)
+                executor.runs = runs
+                await runs.start()
+            else:
+                self._cancels = CancelWatcher(self.services.signals, lambda r, why: None, sup.spawn)
+                self._limiter = Limiter(self.js, hold=self.rate_limit_hold)
+                gate = Gate(self.js, self.worker_id, self._limiter, self.stats)
+                executor = self._executor = Executor(
+                    self.recorder,
+                    self.services,
+                    self.stats,
+                    self.telemetry,
+                    self._cancels.reason,
+                    gate,
+                )
+                self._cancels.on_cancel = executor.on_cancel
+                await self._cancels.start()
+            log.info("worker %s: %s mode", self.worker_id, self.engine)
             self._env = RuntimeEnv(
                 nc=self.nc,
                 js=self.js,
@@ -415,6 +446,7 @@ class Worker:
                 telemetry=self.telemetry,
                 sticky=self.sticky,
                 runtime_of=self._handler_runtime,
+                contract=dn.DAGNATS_CONTRACT if dagnats else dn.STANDALONE_CONTRACT,
             )
             self._directory = Directory(
                 self.nc, self.worker_id, self._describe, sup.spawn, self.heartbeat_interval
@@ -443,8 +475,8 @@ class Worker:
         """The runtimes this worker should run: one per registered handler, plus the
         sticky runtime (this worker's sticky consumer and sweep) while it has any,
         first, so its consumer exists before the handlers pull."""
-        if not self._specs:
-            return self._specs
+        if not self._specs or self.engine == dn.DAGNATS:
+            return self._specs  # DagNats routes sticky runs itself
         return {STICKY_KEY: STICKY_SPEC, **self._specs}
 
     def _describe(self) -> dict[str, Any]:
@@ -455,6 +487,10 @@ class Worker:
             "task_types": self.task_types,
             "groups": list(self.groups),
             "partitions": held,
+            # DagNats's WorkerRegistration fields, and the mode this worker runs in
+            "transport": "nats",
+            "max_tasks": self.concurrency,
+            "engine": self.engine,
         }
 
     async def _refresh_directory(self) -> None:
@@ -519,6 +555,11 @@ class Worker:
         rt = self._runtime_for(spec)
         self._runtimes[spec.task_type] = rt
         try:
+            if self.engine == dn.DAGNATS and (spec.rate_limit or spec.key_rate_limit):
+                raise ConfigError(
+                    f"handler {spec.task_type!r}: rate limits are the engine's in DagNats "
+                    "mode (declare rate_limit on the workflow step), not the worker's"
+                )
             if (spec.rate_limit or spec.key_rate_limit) and self._limiter is not None:
                 await self._limiter.bind()  # NotProvisionedError without KV rate_limits
             await rt.start()
@@ -586,6 +627,8 @@ class Worker:
             self._runtimes.clear()
             if self._cancels is not None:
                 await self._cancels.stop()
+            if self._runs is not None:
+                await self._runs.stop()
             if self._directory is not None:
                 await self._directory.stop()
         finally:
@@ -606,3 +649,44 @@ class Worker:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def detect_engine(js: Any) -> str:
+    """``dagnats`` when the server has DagNats's ``SLEEP_TIMERS`` stream or its
+    ``workflow_runs`` bucket (standalone jsworker creates neither), else ``standalone``."""
+    try:
+        await js.stream_info(dn.MARKER_STREAM)
+        return dn.DAGNATS
+    except Exception:  # not found (or not answering): look at the bucket
+        pass
+    try:
+        await js.stream_info(f"KV_{dn.RUNS_BUCKET}")
+        return dn.DAGNATS
+    except Exception:
+        return dn.STANDALONE
+
+
+async def check_dagnats_streams(js: Any) -> None:
+    """Refuse, with one line naming the setting, a server whose streams a DagNats-mode
+    worker cannot serve: TASK_QUEUES must be a work-queue stream on ``task.>`` and
+    WORKFLOW_HISTORY must take ``history.>``."""
+    await require_stream(js, n.TASK_STREAM, hint="start the DagNats engine (it creates them)")
+    await require_stream(js, n.HISTORY_STREAM, hint="start the DagNats engine (it creates them)")
+    tq = (await js.stream_info(n.TASK_STREAM)).config
+    retention = getattr(tq.retention, "value", tq.retention)
+    if retention != "workqueue":
+        raise ConfigError(
+            f"stream {n.TASK_STREAM} has retention {retention}; DagNats mode needs workqueue "
+            "(DagNats's own setting): this server's streams were not made by DagNats"
+        )
+    if "task.>" not in (tq.subjects or []):
+        raise ConfigError(
+            f"stream {n.TASK_STREAM} takes subjects {tq.subjects}, not task.>; DagNats mode "
+            "cannot serve it"
+        )
+    hist = (await js.stream_info(n.HISTORY_STREAM)).config
+    if "history.>" not in (hist.subjects or []):
+        raise ConfigError(
+            f"stream {n.HISTORY_STREAM} takes subjects {hist.subjects}, not history.>; "
+            "DagNats mode cannot report outcomes there"
+        )
