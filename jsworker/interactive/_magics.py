@@ -3,25 +3,28 @@
 Everything runs on the kernel's own event loop. A line magic is synchronous in IPython,
 so ``%jsworker ...`` lines are rewritten (an IPython input transformer) into an
 ``await`` of :func:`run_magic`; IPython then runs the cell as async code on the
-kernel's loop (its autoawait), exactly as a cell with a top-level ``await``.
+kernel's loop (its autoawait), exactly as a cell with a top-level ``await``. That is
+the only change made to a cell's text: lines without ``%jsworker`` are left as typed.
 
 After every cell, :func:`after_cell` awaits :meth:`Session.sync` when the cell
-registered a handler, so a consumer that cannot be created raises *in that cell*: a
-text transformer appends ``await after_cell()`` to the cell (the text is what decides
-whether IPython runs a cell as async), and an AST transformer folds the cell's last
-expression into that call, so the value a cell shows is unchanged.
-
-Cells starting with a cell magic (``%%time``, ``%%capture``) are left alone: those
-run their body through a nested synchronous ``run_cell``.
+registered a handler, so a consumer that cannot be created is the error *of that cell*.
+The cell's text is not touched for it (IPython's own magics, ``%%time``, ``%timeit``,
+``%%capture``, run their body as given): in a kernel, the kernel's ``do_execute`` is
+wrapped (it is async, so the check is awaited on the loop after the cell, and a failure
+turns the cell's reply into that error); elsewhere (terminal IPython, whose loop is idle
+between cells) IPython's ``post_run_cell`` event runs the check on the session's loop.
+A kernel started from ``jsworker kernel install`` connects the same way, before its
+first cell (:func:`before_cell`).
 """
 
 from __future__ import annotations
 
-import ast
+import asyncio
 import inspect
 import os
 import re
 import shlex
+import sys
 from typing import Any
 
 from .._errors import ConfigError, JSWorkerError
@@ -32,8 +35,6 @@ _REF = f"__import__({_MOD!r}, fromlist=['_'])"
 _LINE = re.compile(
     r"^(?P<indent>[ \t]*)(?:(?P<target>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*)?%jsworker\b(?P<args>.*)$"
 )
-_AFTER = f"await {_REF}.after_cell()"
-_BEFORE = f"await {_REF}.before_cell()"
 
 #: the environment variable a kernel spec from ``jsworker kernel install`` sets
 URL_ENV = "JSWORKER_KERNEL_URL"
@@ -85,11 +86,8 @@ def unload_ipython_extension(ip: Any) -> None:
     ip.input_transformers_cleanup[:] = [
         t for t in ip.input_transformers_cleanup if t is not _rewrite_magic_lines
     ]
-    ip.input_transformers_post[:] = [
-        t for t in ip.input_transformers_post if t is not _append_after_cell
-    ]
-    ip.ast_transformers[:] = [t for t in ip.ast_transformers if not isinstance(t, _FoldLast)]
-    state.shell = None
+    _unregister_post_run_cell(ip)
+    state.shell = None  # the kernel's wrapped do_execute passes cells straight through
 
 
 def install(ip: Any) -> None:
@@ -97,14 +95,20 @@ def install(ip: Any) -> None:
         return
     state.shell = ip
     ip.input_transformers_cleanup.append(_rewrite_magic_lines)
-    ip.input_transformers_post.append(_append_after_cell)
-    ip.ast_transformers.append(_FoldLast())
     # a plain line magic too: `%lsmagic` lists it and `%jsworker?` shows the help; the
     # transformer above rewrites every `%jsworker` line before this could run
     ip.register_magic_function(_sync_magic, "line", "jsworker")
     if not ip.custom_exceptions:
         ip.set_custom_exc((JSWorkerError,), _one_line)
+    _unregister_post_run_cell(ip)
+    ip.events.register("post_run_cell", _post_run_cell)
+    _check_after_kernel_cells(ip)
     _close_on_kernel_shutdown(ip)
+
+
+def _unregister_post_run_cell(ip: Any) -> None:
+    if _post_run_cell in ip.events.callbacks.get("post_run_cell", []):
+        ip.events.unregister("post_run_cell", _post_run_cell)
 
 
 def _one_line(
@@ -116,6 +120,92 @@ def _one_line(
     stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
     shell._showtraceback(etype, value, stb)
     return stb
+
+
+def _show_error(shell: Any) -> BaseException:
+    """Show the exception being handled as IPython shows a cell's error (jsworker's own
+    errors as one line); returns it."""
+    etype, value, tb = sys.exc_info()
+    assert etype is not None and value is not None
+    if shell.custom_exceptions and issubclass(etype, shell.custom_exceptions):
+        shell.CustomTB(etype, value, tb)
+    else:
+        shell.showtraceback()
+    shell.last_execution_succeeded = False
+    result = getattr(shell, "last_execution_result", None)
+    if result is not None and result.error_in_exec is None:
+        result.error_in_exec = value
+    return value
+
+
+def _error_reply(shell: Any, reply: dict[str, Any], err: BaseException) -> dict[str, Any]:
+    """``reply`` (a kernel's ``execute_reply`` content) turned into the reply of a cell
+    that failed with ``err`` (the traceback is the one just shown)."""
+    return {
+        **reply,
+        "status": "error",
+        "ename": type(err).__name__,
+        "evalue": str(err),
+        "traceback": list(getattr(shell, "_last_traceback", None) or []),
+        "user_expressions": {},
+    }
+
+
+def _check_after_kernel_cells(ip: Any) -> None:
+    """In an ipykernel, wrap this kernel instance's ``do_execute`` (nothing else is
+    touched): before the cell, connect as a kernel spec says; after it, await
+    :func:`after_cell`, whose failure becomes the cell's error. ``do_execute`` is the
+    kernel's async entry point for a cell, outside IPython's own cell machinery, so a
+    cell magic's nested run (``%%capture``) is never checked half-way."""
+    kernel: Any = getattr(ip, "kernel", None)
+    original = getattr(kernel, "do_execute", None)
+    if kernel is None or original is None or getattr(original, "_jsworker", False):
+        return
+
+    async def do_execute(*args: Any, **kwargs: Any) -> Any:
+        shell = state.shell
+        if shell is None:  # the extension was unloaded
+            return await _awaited(original(*args, **kwargs))
+        if state.autoconnect is not None and state.session is None:
+            try:
+                await before_cell()
+            except Exception:
+                # the cell does not run: it would only fail on a missing `session`
+                err = _show_error(shell)
+                reply = {"execution_count": shell.execution_count, "payload": []}
+                return _error_reply(shell, reply, err)
+        reply = await _awaited(original(*args, **kwargs))
+        try:
+            await after_cell()
+        except Exception:
+            err = _show_error(shell)
+            if isinstance(reply, dict):
+                reply = _error_reply(shell, reply, err)
+        return reply
+
+    do_execute._jsworker = True  # type: ignore[attr-defined]
+    kernel.do_execute = do_execute
+
+
+async def _awaited(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _post_run_cell(result: Any) -> None:
+    """IPython's ``post_run_cell`` event, for shells without a kernel (terminal IPython):
+    their loop is idle between cells, so the check runs on it now. In a kernel the loop
+    is running here and the wrapped ``do_execute`` awaits the check instead."""
+    s = state.session
+    if state.shell is None or s is None or s.closed or not s.pending:
+        return
+    if s.loop.is_closed() or s.loop.is_running():
+        return
+    try:
+        s.loop.run_until_complete(s.sync())
+    except Exception:
+        err = _show_error(state.shell)  # as the cell's error (one line for jsworker's)
+        if result is not None and result.error_in_exec is None:
+            result.error_in_exec = err
 
 
 def _close_on_kernel_shutdown(ip: Any) -> None:
@@ -182,67 +272,12 @@ def _rewrite_magic_lines(lines: list[str]) -> list[str]:
     return out
 
 
-def _append_after_cell(lines: list[str]) -> list[str]:
-    if not lines or state.shell is None:
-        return lines
-    first = lines[0].lstrip()
-    if first.startswith("get_ipython().run_cell_magic(") or first.startswith("%%"):
-        return lines
-    if not "".join(lines).strip():
-        return lines
-    if lines[-1] and not lines[-1].endswith("\n"):
-        lines = [*lines[:-1], lines[-1] + "\n"]
-    head: list[str] = []
-    if state.autoconnect is not None and state.session is None:
-        head = [_BEFORE + "\n"]
-    # IPython reads a trailing ';' (output suppressed) from the transformed cell's end
-    tail = ";" if _ends_with_semicolon("".join(lines)) else ""
-    return [*head, *lines, _AFTER + tail + "\n"]
-
-
-def _ends_with_semicolon(source: str) -> bool:
-    from IPython.core.displayhook import DisplayHook
-
-    try:
-        return bool(DisplayHook.semicolon_at_end_of_expression(source))  # type: ignore[no-untyped-call]
-    except Exception:  # a cell that does not tokenize: compiling it reports that
-        return False
-
-
-class _FoldLast(ast.NodeTransformer):
-    """``x`` / ``await after_cell()`` -> ``await after_cell(x)``, so the cell shows ``x``."""
-
-    def visit_Module(self, node: ast.Module) -> ast.Module:
-        body = node.body
-        if len(body) >= 2 and _is_after(body[-1]) and isinstance(body[-2], ast.Expr):
-            last = body[-1]
-            assert isinstance(last, ast.Expr) and isinstance(last.value, ast.Await)
-            call = last.value.value
-            assert isinstance(call, ast.Call)
-            call.args = [body[-2].value]
-            ast.copy_location(last, body[-2])
-            node.body = [*body[:-2], last]
-        return node
-
-
-def _is_after(node: ast.stmt) -> bool:
-    return (
-        isinstance(node, ast.Expr)
-        and isinstance(node.value, ast.Await)
-        and isinstance(node.value.value, ast.Call)
-        and isinstance(node.value.value.func, ast.Attribute)
-        and node.value.value.func.attr == "after_cell"
-        and not node.value.value.args
-    )
-
-
-async def after_cell(value: Any = None) -> Any:
-    """Run at the end of every cell: confirm live registrations (raise their errors
-    here), then hand the cell's value back."""
+async def after_cell() -> None:
+    """Run after every cell: confirm the live registrations it made (raise their
+    errors). Only on the session's own loop (a kernel's subshell runs cells elsewhere)."""
     s = state.session
-    if s is not None and not s.closed and s.pending:
+    if s is not None and not s.closed and s.pending and asyncio.get_running_loop() is s.loop:
         await s.sync()
-    return value
 
 
 async def before_cell() -> None:
