@@ -40,6 +40,7 @@ from nats.aio.msg import Msg
 from . import _names as n
 from . import _wire as w
 from ._context import Outcome, TaskInfo
+from ._dagnats import failure_type_of
 from ._errors import JSWorkerError, PayloadError
 from ._handler import HandlerSpec
 from ._pubacks import PubAcks
@@ -422,6 +423,9 @@ class OutcomeRecorder:
                     "error": o.error,
                     "kind": kind,
                     "retry_in_ms": int(delay * 1000),
+                    # DagNats's field names too, so its tooling reads these events
+                    "failure_type": failure_type_of(kind),
+                    **({"retry_after_ms": int(delay * 1000)} if kind == w.RETRY_AFTER else {}),
                     "attempt": info.attempt,
                     **_traceback(o),
                 },
@@ -489,6 +493,7 @@ class OutcomeRecorder:
                     "iteration": info.iteration,
                     "error": o.error,
                     "kind": kind,
+                    "failure_type": failure_type_of(kind),
                     "attempt": info.attempt,
                     **_traceback(o),
                 },

@@ -9,6 +9,14 @@ changing them means deleting data.
 Modes: ``apply`` (default) creates and updates; ``check`` and ``dry_run`` change nothing
 and report what is missing or drifted (``check`` is what ``jsworker kv setup --check``
 uses to fail a CI pipeline).
+
+Provisioning never fights another owner (docs/dagnats.md): on a server DagNats
+provisioned (its ``SLEEP_TIMERS`` stream or ``workflow_runs`` bucket exists) an existing
+stream or bucket is never changed; where it differs from jsworker's own defaults only in
+settings jsworker can live with (max age, duplicate window, TTL, replicas) it is
+``compatible``; only missing ones are created. Replicas follow the cluster: by default
+an existing stream's count, for new ones 3 on a cluster of 3 or more servers; a stream is
+never scaled down.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -28,7 +36,14 @@ from . import _names as n
 from ._errors import ConfigError, NotProvisionedError, ServerError
 
 Status = Literal[
-    "created", "exists", "updated", "drifted", "missing", "would-create", "would-update"
+    "created",
+    "exists",
+    "compatible",
+    "updated",
+    "drifted",
+    "missing",
+    "would-create",
+    "would-update",
 ]
 Mode = Literal["apply", "check", "dry_run"]
 
@@ -73,9 +88,11 @@ def stream_specs() -> list[StreamSpec]:
             n.TASK_STREAM, ("task.>",), RetentionPolicy.WORK_QUEUE, duplicate_window=10 * MINUTE
         ),
         StreamSpec(
+            # limits retention, as DagNats creates it (its engine refuses to start on a
+            # work-queue STICKY_TASKS); workers delete a sticky task once it is settled
             n.STICKY_STREAM,
             ("sticky.>",),
-            RetentionPolicy.WORK_QUEUE,
+            RetentionPolicy.LIMITS,
             storage=StorageType.MEMORY,
             max_age=30 * MINUTE,
             duplicate_window=2 * MINUTE,
@@ -84,7 +101,7 @@ def stream_specs() -> list[StreamSpec]:
             n.HISTORY_STREAM,
             ("history.>",),
             RetentionPolicy.LIMITS,
-            max_age=7 * DAY,
+            max_age=30 * DAY,  # DagNats's retention too
             duplicate_window=10 * MINUTE,
         ),
         StreamSpec(
@@ -152,7 +169,7 @@ def _diff(spec: StreamSpec, cfg: StreamConfig, replicas: int) -> tuple[list[str]
         )
     if spec.kv_bucket is not None and cfg.max_msgs_per_subject != spec.max_msgs_per_subject:
         safe.append(f"history: {cfg.max_msgs_per_subject} (want {spec.max_msgs_per_subject})")
-    if (cfg.num_replicas or 1) != replicas:
+    if (cfg.num_replicas or 1) < replicas:
         safe.append(f"replicas: {cfg.num_replicas or 1} (want {replicas})")
     return safe, unsafe
 
@@ -179,9 +196,10 @@ async def _ensure(
     *,
     replicas: int,
     mode: Mode,
-    update: bool,
+    update: bool | Literal["foreign"],
 ) -> ProvisionResult:
     name = spec.kv_bucket or spec.name
+    foreign = update == "foreign"
     try:
         info = await js.stream_info(spec.name)
     except nats.js.errors.NotFoundError:
@@ -192,10 +210,17 @@ async def _ensure(
         await _create(js, spec, replicas)
         return ProvisionResult(kind, name, "created")
     safe, unsafe = _diff(spec, info.config, replicas)
+    scaled = (info.config.num_replicas or 1) > replicas
+    note = [f"replicas {info.config.num_replicas} kept (never scaled down)"] if scaled else []
     if not safe and not unsafe:
-        return ProvisionResult(kind, name, "exists")
+        return ProvisionResult(kind, name, "exists", note)
+    if foreign and not unsafe:
+        # DagNats's stream or bucket, in settings jsworker works with: left as it is
+        return ProvisionResult(
+            kind, name, "compatible", [f"{d} - DagNats's setting, kept" for d in safe] + note
+        )
     details = safe + [f"{d} - cannot be changed in place; recreate to fix" for d in unsafe]
-    if mode != "apply" or not update or not safe:
+    if mode != "apply" or not update or foreign or not safe:
         status: Status = "would-update" if (mode == "dry_run" and safe and update) else "drifted"
         return ProvisionResult(kind, name, status, details)
     cfg = info.config
@@ -207,7 +232,7 @@ async def _ensure(
         cfg.duplicate_window = spec.duplicate_window
     else:
         cfg.max_msgs_per_subject = spec.max_msgs_per_subject
-    cfg.num_replicas = replicas
+    cfg.num_replicas = max(replicas, cfg.num_replicas or 1)
     try:
         await js.update_stream(cfg)
     except nats.js.errors.APIError as e:
@@ -240,12 +265,28 @@ async def _create(js: JetStreamContext, spec: StreamSpec, replicas: int) -> None
 
 async def _create_once(js: JetStreamContext, spec: StreamSpec, replicas: int) -> None:
     if spec.kv_bucket is not None:
-        await js.create_key_value(
-            bucket=spec.kv_bucket,
-            ttl=spec.max_age or None,
-            history=spec.max_msgs_per_subject,
-            replicas=replicas,
-            storage=spec.storage,
+        # the bucket's stream as nats.go creates it (nats-py's create_key_value turns on
+        # per-message TTLs, which cannot be turned off again: DagNats's engine, updating
+        # its buckets with nats.go at every start, would then refuse to start)
+        ttl = spec.max_age or None
+        await js.add_stream(
+            StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                retention=RetentionPolicy.LIMITS,
+                storage=spec.storage,
+                max_age=ttl,
+                max_msgs_per_subject=spec.max_msgs_per_subject,
+                max_msgs=-1,
+                max_bytes=-1,
+                max_consumers=-1,
+                duplicate_window=min(ttl, 2 * MINUTE) if ttl else 2 * MINUTE,
+                num_replicas=replicas,
+                discard=DiscardPolicy.NEW,
+                allow_rollup_hdrs=True,
+                deny_delete=True,
+                allow_direct=True,
+            )
         )
         return
     await js.add_stream(
@@ -267,15 +308,51 @@ def _check_replicas(replicas: int) -> None:
         raise ConfigError(f"replicas must be an integer from 1 to 5, got {replicas!r}")
 
 
+async def dagnats_provisioned(js: JetStreamContext) -> bool:
+    """True when DagNats provisioned this server (its ``SLEEP_TIMERS`` stream or its
+    ``workflow_runs`` bucket exists)."""
+    for stream in ("SLEEP_TIMERS", "KV_workflow_runs"):
+        try:
+            await js.stream_info(stream)
+            return True
+        except nats.js.errors.NotFoundError:
+            continue
+    return False
+
+
+async def cluster_replicas(nc: NATS, js: JetStreamContext) -> int:
+    """Replicas that follow the cluster: those of an existing ``TASK_QUEUES``, else 3 on
+    a cluster of 3 or more servers (as the server announces them), else 1."""
+    try:
+        return int((await js.stream_info(n.TASK_STREAM)).config.num_replicas or 1)
+    except nats.js.errors.NotFoundError:
+        pass
+    info = getattr(nc, "_server_info", None) or {}
+    size = len(info.get("connect_urls") or ()) if info.get("cluster") else 1
+    return 3 if size >= 3 else 1
+
+
+async def _plan(
+    nc: NATS, replicas: int | None, update: bool
+) -> tuple[int, bool | Literal["foreign"]]:
+    js = nc.jetstream()
+    if replicas is None:
+        replicas = await _guard(cluster_replicas(nc, js))
+    _check_replicas(replicas)
+    foreign = update and await _guard(dagnats_provisioned(js))
+    return replicas, "foreign" if foreign else update
+
+
 async def setup_streams(
-    nc: NATS, *, replicas: int = 1, mode: Mode = "apply", update: bool = True
+    nc: NATS, *, replicas: int | None = None, mode: Mode = "apply", update: bool = True
 ) -> list[ProvisionResult]:
     """Create (or check) the four streams: TASK_QUEUES, STICKY_TASKS, WORKFLOW_HISTORY,
-    DEAD_LETTERS. Returns one result per stream."""
-    _check_replicas(replicas)
+    DEAD_LETTERS. Returns one result per stream. ``replicas=None`` follows the cluster
+    (see the module docstring)."""
+    reps, upd = await _plan(nc, replicas, update)
     js = nc.jetstream()
     return [
-        await _guard(_ensure(js, "stream", s, replicas=replicas, mode=mode, update=update))
+        await _guard(_ensure(js, "stream", s, replicas=reps, mode=mode, update=upd))
         for s in stream_specs()
     ]
 
@@ -283,7 +360,7 @@ async def setup_streams(
 async def setup_kv_buckets(
     nc: NATS,
     *,
-    replicas: int = 1,
+    replicas: int | None = None,
     optional: Iterable[str] = OPTIONAL_BUCKETS,
     mode: Mode = "apply",
     update: bool = True,
@@ -291,14 +368,16 @@ async def setup_kv_buckets(
     """Create (or check) the KV buckets: ``workers``, ``rate_limits``, ``sticky_bindings``,
     ``elastic-consumer-groups`` and the optional ones named in ``optional`` (default
     ``checkpoints`` and ``signals``; pass ``()`` to skip them)."""
-    _check_replicas(replicas)
+    if replicas is not None:
+        _check_replicas(replicas)
+    reps, upd = await _plan(nc, replicas, update)
     opt = tuple(optional)
     unknown = [b for b in opt if b not in OPTIONAL_BUCKETS]
     if unknown:
         raise ConfigError(f"unknown optional bucket(s) {unknown}; known: {list(OPTIONAL_BUCKETS)}")
     js = nc.jetstream()
     return [
-        await _guard(_ensure(js, "kv", kv_spec(b), replicas=replicas, mode=mode, update=update))
+        await _guard(_ensure(js, "kv", kv_spec(b), replicas=reps, mode=mode, update=upd))
         for b in (*REQUIRED_BUCKETS, *opt)
     ]
 
@@ -306,7 +385,7 @@ async def setup_kv_buckets(
 async def setup_all(
     nc: NATS,
     *,
-    replicas: int = 1,
+    replicas: int | None = None,
     optional: Iterable[str] = OPTIONAL_BUCKETS,
     mode: Mode = "apply",
     update: bool = True,
@@ -318,9 +397,9 @@ async def setup_all(
     ]
 
 
-async def _guard(coro: object) -> ProvisionResult:
+async def _guard(coro: Any) -> Any:
     try:
-        return await coro  # type: ignore[misc,no-any-return]
+        return await coro
     except nats.js.errors.ServiceUnavailableError:
         raise ServerError("JetStream is not enabled on this server (start it with -js)") from None
     except nats.errors.NoRespondersError:

@@ -166,10 +166,17 @@ class Bucket:
     period_ns: int
 
     def encode(self) -> bytes:
+        """``tokens`` is written as an integer, as DagNats's engine decodes it (Go
+        ``int``; a float breaks its decode of the shared bucket): the fraction of a token
+        is kept by moving ``last_refill_ns`` back by the time that fraction takes to
+        refill, which gives the same tokens at any later time."""
+        whole = math.floor(max(0.0, self.tokens) + 1e-9)
+        frac = max(0.0, self.tokens) - whole
+        shift = round(frac * self.period_ns / self.limit) if frac > 1e-9 else 0
         return dumps(
             {
-                "tokens": self.tokens,
-                "last_refill_ns": self.last_refill_ns,
+                "tokens": int(whole),
+                "last_refill_ns": max(1, self.last_refill_ns - shift),
                 "limit": self.limit,
                 "period_ns": self.period_ns,
             }

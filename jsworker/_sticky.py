@@ -342,11 +342,27 @@ class StickyRuntime(HandlerRuntime):
         task = asyncio.current_task()
         assert task is not None
         rt.inflight[task] = (msg, time.monotonic())
+        retried = _watch_nak(msg)
         try:
             await self.env.executor.execute(rt, msg)
         finally:
             rt.inflight.pop(task, None)
             rt.slots.give(1)
+        await self._forget(msg, retried)
+
+    async def _forget(self, msg: Msg, retried: list[bool]) -> None:
+        """Delete a sticky task settled for good (acked or terminated, not nak'ed for a
+        retry) from ``STICKY_TASKS``: that stream has limits retention (DagNats's setting,
+        which DagNats's engine insists on), so an acknowledgement does not remove it,
+        and the sweeper would otherwise take a finished task for one never pulled."""
+        if not msg._ackd or retried:
+            return
+        try:
+            await self.env.js.delete_msg(n.STICKY_STREAM, msg.metadata.sequence.stream)
+        except nats.js.errors.NotFoundError:
+            pass  # a work-queue stream removed it on the ack; or already deleted
+        except Exception as e:
+            log.warning("finished sticky task %s not deleted: %s", msg.subject, e)
 
     def _settled(self, task: asyncio.Task[None]) -> None:
         self.running.pop(task, None)
@@ -370,6 +386,8 @@ class StickyRuntime(HandlerRuntime):
             await msg.ack()
         except Exception as e:  # left unacked: redelivered after AckWait
             log.warning("sticky task %s not sent home: %s", msg.subject, e)
+            return
+        await self._forget(msg, [])
 
     async def drain(self, grace: float) -> None:
         self.draining.set()
@@ -504,6 +522,19 @@ class StickyRuntime(HandlerRuntime):
         else:
             self.moved += 1
             log.info("soft-sticky task %s (seq %s) moved to %s", m.subject, m.seq, home)
+
+
+def _watch_nak(msg: Msg) -> list[bool]:
+    """A flag that becomes ``[True]`` when ``msg`` is nak'ed (handed back or retried)."""
+    seen: list[bool] = []
+    nak = msg.nak
+
+    async def watched(*args: Any, **kwargs: Any) -> None:
+        seen.append(True)
+        await nak(*args, **kwargs)
+
+    msg.nak = watched  # type: ignore[method-assign]
+    return seen
 
 
 # ------------------------------------------------------------ the gate

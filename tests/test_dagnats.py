@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -479,3 +480,49 @@ async def test_wait_step_helper_sees_running(dnc: NATS, engine: Engine, unique: 
         assert run["steps"]["s"]["status"] == "running"
         release.set()
         assert (await wait_run(dnc, run_id))["status"] == "completed"
+
+
+# ------------------------------------------------------------- provisioning
+def kv_setup(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jsworker.cli", "--url", url, "kv", "setup", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def stream_configs(nc: NATS) -> dict[str, dict[str, Any]]:
+    out = {}
+    for info in await nc.jetstream().streams_info():
+        cfg = info.config.as_dict()
+        cfg.pop("metadata", None)
+        out[info.config.name] = cfg
+    return out
+
+
+async def test_kv_setup_on_a_dagnats_server_changes_nothing_dagnats_owns(
+    dserver: EmbeddedServer, dnc: NATS, engine: Engine
+) -> None:
+    before = await stream_configs(dnc)
+    first = kv_setup(dserver.url)
+    assert first.returncode == 0, first.stderr
+    after = await stream_configs(dnc)
+    assert {k: after[k] for k in before} == before  # every existing stream as it was
+    statuses = {r["name"]: r["status"] for r in json.loads(first.stdout)}
+    assert statuses["WORKFLOW_HISTORY"] == "compatible"  # DagNats's 5 s dedup, kept
+    assert statuses["STICKY_TASKS"] in ("exists", "compatible")
+    check = kv_setup(dserver.url, "--check")
+    assert check.returncode == 0, check.stdout
+    assert {r["status"] for r in json.loads(check.stdout)} <= {"exists", "compatible"}
+    # and the engine still starts on it
+    engine.stop()
+    engine.start()
+
+
+async def test_the_engine_starts_on_a_server_jsworker_provisioned() -> None:
+    async with EmbeddedServer() as srv:
+        res = kv_setup(srv.url)
+        assert res.returncode == 0, res.stderr
+        for eng in engine_for(srv.url):  # raises if dagnats-engine refuses to start
+            assert eng.proc is not None and eng.proc.poll() is None

@@ -132,7 +132,7 @@ async def test_safe_drift_detected_and_fixed(fnc: NATS) -> None:
     assert applied["TASK_QUEUES"].status == "updated"
     assert applied["WORKFLOW_HISTORY"].status == "updated"
     assert (await js.stream_info("TASK_QUEUES")).config.duplicate_window == 600
-    assert (await js.stream_info("WORKFLOW_HISTORY")).config.max_age == 7 * 86400
+    assert (await js.stream_info("WORKFLOW_HISTORY")).config.max_age == 30 * 86400
     assert {r.status for r in await jsworker.setup_all(fnc)} == {"exists"}
 
 

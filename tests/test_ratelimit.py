@@ -64,8 +64,20 @@ def test_take_clock_backwards_refills_nothing_and_config_wins() -> None:
 
 
 def test_bucket_decode_refuses_invalid_values() -> None:
-    good = Bucket(1.5, 7, 3, SEC)
-    assert Bucket.decode(good.encode()) == good
+    exact = Bucket(2.0, 7, 3, SEC)
+    assert Bucket.decode(exact.encode()) == exact
+    # tokens are stored as an integer (DagNats's engine decodes an int); the fraction
+    # moves last_refill_ns back, so the bucket holds the same tokens at any later time
+    good = Bucket(1.5, 10 * SEC, 3, SEC)
+    stored = json.loads(good.encode())
+    assert type(stored["tokens"]) is int and stored["tokens"] == 1
+    back = Bucket.decode(good.encode())
+    assert back is not None
+    rl = jsworker.RateLimit(3, per=1.0)
+    for later in (10 * SEC, 10 * SEC + SEC // 10, 11 * SEC):
+        assert take(back, 0, later, rl)[0].tokens == pytest.approx(
+            take(good, 0, later, rl)[0].tokens
+        )
     for raw in (
         b"",
         b"[]",

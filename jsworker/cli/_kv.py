@@ -30,8 +30,9 @@ def kv_group() -> None:
 @click.option(
     "--replicas",
     type=click.IntRange(1, 5),
-    default=1,
-    help="Replicas of new streams and buckets (3 on a 3-node cluster).",
+    default=None,
+    help="Replicas of new streams and buckets [default: follow the cluster: an "
+    "existing TASK_QUEUES's, else 3 on 3+ servers, else 1]. Never scales down.",
 )
 @click.option("--check", is_flag=True, help="Change nothing; exit 1 on missing/drifted.")
 @click.option("--dry-run", is_flag=True, help="Change nothing; show what would be done.")
@@ -43,7 +44,7 @@ def kv_group() -> None:
 @pass_conn
 def setup(
     conn: ConnOptions,
-    replicas: int,
+    replicas: int | None,
     check: bool,
     dry_run: bool,
     no_optional: bool,
@@ -57,8 +58,11 @@ def setup(
     the optional checkpoints and signals. One that exists with another
     configuration is "drifted"; what can change in place (max age, duplicate
     window, history, replicas, added subjects) is updated, the rest
-    (retention, storage) is only reported. Statuses: created, exists, updated,
-    drifted, missing (--check), would-create / would-update (--dry-run).
+    (retention, storage) is only reported. On a server DagNats provisioned
+    nothing existing is changed: what differs only in DagNats's own settings is
+    "compatible", and only what is missing is created. Statuses: created,
+    exists, compatible, updated, drifted, missing (--check), would-create /
+    would-update (--dry-run).
 
     \b
     Examples:

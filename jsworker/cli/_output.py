@@ -56,6 +56,7 @@ err_console: Console = _TerminalSafeConsole(stderr=True)
 STATUS_STYLE = {
     "created": "green",
     "exists": "dim",
+    "compatible": "dim green",
     "updated": "yellow",
     "drifted": "bold red",
     "missing": "bold red",
