@@ -526,3 +526,65 @@ async def test_the_engine_starts_on_a_server_jsworker_provisioned() -> None:
         assert res.returncode == 0, res.stderr
         for eng in engine_for(srv.url):  # raises if dagnats-engine refuses to start
             assert eng.proc is not None and eng.proc.poll() is None
+
+
+# --------------------------------------------------------------- the CLI
+APP = """
+import jsworker
+
+def make_worker(nc):
+    w = jsworker.Worker(nc, engine="standalone")  # the command line's --engine wins
+
+    @w.handle("{t}")
+    def double(ctx):
+        return {{"n": ctx.json()["n"] * 2}}
+
+    return w
+"""
+
+
+async def test_serve_with_engine_dagnats_serves_a_workflow_and_says_its_mode(
+    dserver: EmbeddedServer, dnc: NATS, engine: Engine, unique: Any, tmp_path: Any
+) -> None:
+    t, name = unique("double"), unique("wfserve")
+    engine.register(workflow(name, step("s", t)))
+    (tmp_path / "steps.py").write_text(APP.format(t=t))
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the test waits for its banner
+        [
+            sys.executable,
+            "-m",
+            "jsworker.cli",
+            "--url",
+            dserver.url,
+            "serve",
+            "steps:make_worker",
+            "--app-dir",
+            str(tmp_path),
+            "--engine",
+            "dagnats",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert "dagnats mode" in banner, banner
+        run_id = engine.start_run(name, {"n": 21})
+        run = await wait_run(dnc, run_id)
+        assert step_output(run["steps"]["s"]) == {"n": 42}
+        listed = subprocess.run(  # noqa: ASYNC221 - a short CLI call
+            [sys.executable, "-m", "jsworker.cli", "--url", dserver.url, "workers", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        mine = [e for e in json.loads(listed.stdout) if t in (e.get("task_types") or [])]
+        assert [e["engine"] for e in mine] == ["dagnats"]
+        go_view = engine.cli("workers")  # DagNats's CLI reads jsworker's entry too
+        assert go_view.returncode == 0
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .._dagnats import ENGINES
 from ._connect import ConnOptions, library_errors, pass_conn, run
 
 
@@ -32,6 +33,13 @@ from ._connect import ConnOptions, library_errors, pass_conn, run
     default=None,
     help="History file  [default: $JSWORKER_HISTORY or ~/.jsworker_history]",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default=None,
+    help="dagnats: handlers serve DagNats workflow steps (docs/dagnats.md)  "
+    "[default: $JSWORKER_ENGINE, else auto]",
+)
 @click.option("--no-banner", is_flag=True, help="Do not print the banner.")
 @click.pass_context
 @pass_conn
@@ -43,6 +51,7 @@ def repl(
     dev: bool,
     grace_period: float,
     history: str | None,
+    engine: str | None,
     no_banner: bool,
 ) -> None:
     """An asyncio Python REPL sharing its event loop with a live worker.
@@ -58,6 +67,7 @@ def repl(
       jsworker repl                               # embedded server, provisioned
       jsworker repl --url nats://127.0.0.1:4222 --dev
       NATS_URL=nats://nats:4222 jsworker repl --group dev-alice
+      jsworker repl --url nats://dagnats:4222 --engine dagnats  # DagNats steps
     """
     # imported here: prompt-toolkit is not needed by the other commands
     from ..interactive._repl import run_repl
@@ -73,7 +83,7 @@ def repl(
         chosen = dev_group() if dev else group
 
     async def open_session() -> Session:
-        return await connect(url, group=chosen, grace_period=grace_period)
+        return await connect(url, group=chosen, grace_period=grace_period, engine=engine)
 
     run(
         run_repl(

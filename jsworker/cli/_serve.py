@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from rich.live import Live
 from rich.text import Text
 
+from .._dagnats import ENGINE_ENV, ENGINES
 from .._loop import LOOPS, resolve_loop
 from .._worker import Worker
 from ._connect import ConnOptions, library_errors, pass_conn, run
@@ -131,7 +132,9 @@ async def serve_worker(
         Text.assemble(
             ("serving ", "bold"),
             ", ".join(worker.task_types) or "(no handlers yet)",
-            f" on {url} as {worker.worker_id}, {loop_name()} loop (Ctrl-C stops)",
+            f" on {url} as {worker.worker_id}, ",
+            (f"{worker.engine} mode", "bold cyan" if worker.engine == "dagnats" else ""),
+            f", {loop_name()} loop (Ctrl-C stops)",
         ),
         soft_wrap=True,
     )
@@ -181,6 +184,14 @@ async def serve_worker(
     show_default=True,
     help="Event loop: auto uses uvloop when it is installed (pip install 'jsworker[fast]').",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default=None,
+    help="standalone (jsworker's own contract), dagnats (a DagNats engine drives the "
+    "worker: docs/dagnats.md) or auto (dagnats when the server has DagNats's streams) "
+    "[default: $JSWORKER_ENGINE, else auto; overrides the app's choice]",
+)
 @otel_console_option
 @pass_conn
 def serve(
@@ -189,6 +200,7 @@ def serve(
     app_dir: str,
     grace: float | None,
     loop_name: str,
+    engine: str | None,
     otel_console: bool,
 ) -> None:
     """Run the worker TARGET (module:attr) until Ctrl-C or SIGTERM.
@@ -223,6 +235,7 @@ def serve(
       NATS_URL=nats://nats:4222 jsworker serve myapp.tasks:make_worker --grace 30
       jsworker serve tasks:make_worker --app-dir src
       jsworker serve myapp.tasks:make_worker --loop uvloop   # fail if not installed
+      jsworker serve steps:make_worker --engine dagnats      # steps of DagNats workflows
     \b
       # myapp/instance.py (instance on the module's own client)
       #   import jsworker
@@ -233,6 +246,8 @@ def serve(
     """
     with library_errors():
         _, loop_factory = resolve_loop(loop_name)
+    if engine is not None:
+        os.environ[ENGINE_ENV] = engine  # a Worker the app builds takes it from there
     sys.path.insert(0, os.path.abspath(app_dir))
     obj = import_from_string(target)
     check_target(obj)
@@ -248,6 +263,14 @@ def serve(
             worker: Worker | None = None
             try:
                 worker = await build_worker(obj, nc, conn)
+                if engine is not None and worker.engine_setting != engine:
+                    # the app chose an engine in code; the command line wins
+                    worker.engine_setting = worker.engine = engine
+                if not worker.task_types:
+                    raise click.ClickException(
+                        f"{target} has no handlers: nothing to serve (register one with "
+                        "@worker.handle(...) before returning the worker)"
+                    )
                 if telemetry is not None:
                     worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)
                 await serve_worker(worker, grace=grace, url=conn.display_url, signals=signals)

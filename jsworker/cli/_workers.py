@@ -81,7 +81,12 @@ def _row(e: Any, now: datetime) -> list[Text]:
         safe_text(partitions),
         safe_text(e.get("hostname", "")),
         safe_text(e.get("pid", "")),
-        safe_text(e.get("language", "")),
+        # the mode a jsworker worker runs in (DagNats's Go workers have none)
+        safe_text(
+            f"{e.get('language', '')} ({e['engine']} mode)"
+            if isinstance(e.get("engine"), str) and e["engine"]
+            else e.get("language", "")
+        ),
         safe_text(_ago(e.get("last_seen"), now)),
     ]
 

@@ -49,7 +49,7 @@ _FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*$")
 
 BANNER = """\
-jsworker {version} REPL: worker {worker} on {url}{group}
+jsworker {version} REPL: worker {worker} on {url}{group}, {engine} mode
   @handle("type") def/async def ...   live at once; define it again to replace it
   await submit("type", {{...}}, wait=True)   await tail(run_id)   await status()
   await remove("type")   await partition_map("type")   session, worker, client
@@ -279,6 +279,7 @@ async def run_repl(
                 BANNER.format(
                     version=__version__,
                     worker=session.worker.worker_id,
+                    engine=session.worker.engine,
                     url=session.url,
                     group=f" (group {session.group})" if session.group else "",
                 ),
