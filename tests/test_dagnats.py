@@ -588,3 +588,125 @@ async def test_serve_with_engine_dagnats_serves_a_workflow_and_says_its_mode(
         proc.terminate()
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+# ------------------------------------------------------- the interactive mode
+REDEFINE_V1 = """
+async def until_released():
+    sub = await session.nc.subscribe("release.{t}")
+    await session.nc.publish("ready.{t}", b"")  # subscribed: the test may release
+    try:
+        await sub.next_msg(timeout=60)
+    finally:
+        await sub.unsubscribe()
+
+@session.handle({t!r})
+async def step(ctx):
+    if ctx.step_id == "b":
+        await until_released()  # step b is held, on version 1, until the test says so
+    return "v1"
+"""
+# registering without waiting for version 1's running execution (step b) to end
+REDEFINE_V2 = """
+async def step(ctx):
+    return "v2"
+
+session.worker.handle({t!r}, step)
+[(h["task_type"], h["version"]) for h in session.handlers()]
+"""
+
+
+async def test_a_notebook_kernel_serves_a_live_workflow_and_swaps_code_mid_run(
+    dserver: EmbeddedServer, dnc: NATS, engine: Engine, unique: Any
+) -> None:
+    from interactive_helpers import Kernel
+    from test_interactive_kernel import kernel_env
+
+    t, name = unique("nbstep"), unique("wfnb")
+    engine.register(
+        workflow(name, step("a", t), step("b", t, deps=("a",)), step("c", t, deps=("b",)))
+    )
+    k = await Kernel(kernel_env(dserver)).start()
+    try:
+        await k.ok("import asyncio\n%load_ext jsworker")
+        await k.ok(f"%jsworker connect {dserver.url}")
+        mode = await k.ok("session.worker.engine")
+        assert mode.text == "'dagnats'"  # detected: the server is DagNats's
+        await k.ok(REDEFINE_V1.format(t=t))
+        ready = await dnc.subscribe(f"ready.{t}")
+        run_id = engine.start_run(name)
+        await ready.next_msg(timeout=30)  # step b runs (v1) and waits for the release
+        swapped = await k.ok(REDEFINE_V2.format(t=t))  # b still runs on v1; c on v2
+        assert swapped.text == repr([(t, 2)])
+        await dnc.publish(f"release.{t}", b"")
+        run = await wait_run(dnc, run_id)
+        await k.ok("%jsworker close")
+    finally:
+        await k.stop()
+    assert run["status"] == "completed"
+    assert [step_output(run["steps"][s]) for s in "abc"] == ["v1", "v1", "v2"]
+
+
+def test_the_repl_serves_a_live_workflow_and_swaps_code_mid_run(
+    dserver: EmbeddedServer, engine: Engine, unique: Any, tmp_path: Any
+) -> None:
+    from test_interactive_repl import PROMPT, Screen, repl_env
+
+    t, name = unique("replstep"), unique("wfrepl")
+    engine.register(
+        workflow(name, step("a", t), step("b", t, deps=("a",)), step("c", t, deps=("b",)))
+    )
+    s = Screen(["repl", "--url", dserver.url, "--engine", "dagnats"], repl_env(tmp_path))
+    try:
+        banner = s.expect(PROMPT)
+        assert "dagnats mode" in banner
+        s.statement(
+            f"@handle({t!r})",
+            "async def h(ctx):",
+            "    if ctx.step_id == 'b':",
+            f"        sub = await session.nc.subscribe('release.{t}')",
+            f"        await session.nc.publish('ready.{t}', b'')",
+            "        await sub.next_msg(timeout=60)",
+            "    return 'v1'",
+        )
+
+        async def start_and_wait_ready() -> str:
+            nc = await nats.connect(dserver.url)
+            try:
+                ready = await nc.subscribe(f"ready.{t}")
+                run_id = await asyncio.to_thread(engine.start_run, name)
+                await ready.next_msg(timeout=30)  # step b runs (v1), waiting for release
+                return run_id
+            finally:
+                await nc.close()
+
+        run_id = asyncio.run(start_and_wait_ready())
+        s.statement("async def h2(ctx):", "    return 'v2'")
+        out = s.statement(f"worker.handle({t!r}, h2); worker.handler_info()[0]['version']")
+        assert "2" in out.split()
+
+        async def release() -> None:
+            nc = await nats.connect(dserver.url)
+            try:
+                await nc.publish(f"release.{t}", b"")
+                await nc.flush()
+            finally:
+                await nc.close()
+
+        asyncio.run(release())
+
+        async def finished() -> dict[str, Any]:
+            nc = await nats.connect(dserver.url)
+            try:
+                return await wait_run(nc, run_id)
+            finally:
+                await nc.close()
+
+        run = asyncio.run(finished())
+        s.p.sendeof()
+        s.expect("bye")
+    finally:
+        if s.p.isalive():
+            s.p.terminate(force=True)
+    assert run["status"] == "completed"
+    assert [step_output(run["steps"][x]) for x in "abc"] == ["v1", "v1", "v2"]
