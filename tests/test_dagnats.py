@@ -350,6 +350,28 @@ async def test_a_partitioned_type_with_members_of_both_languages(
             kv = await dnc.jetstream().key_value("elastic-consumer-groups")
             cfg = json.loads((await kv.get(f"TASK_QUEUES.workers-{t}")).value or b"")
             assert cfg["max_members"] == 4 and len(cfg["members"]) == 2
+            assert cfg["partitioning_filters"] == [
+                {"filter": f"task.{t}.>", "partitioning_wildcards": None}
+            ]
+            shown = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "jsworker.cli",
+                    "--url",
+                    dserver.url,
+                    "partitions",
+                    "show",
+                    t,
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert shown.returncode == 0, shown.stderr
+            assert worker.worker_id in shown.stdout and f"workers-{t}" in shown.stdout
             runs = [engine.start_run(name, {"i": i}) for i in range(40)]
             results = [await wait_run(dnc, r) for r in runs]
     finally:

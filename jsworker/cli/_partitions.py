@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
+from .._dagnats import group_name as dagnats_group_name
 from .._errors import NotProvisionedError
 from .._partitions import cas_update
 from .._pcg_config import (
@@ -53,7 +54,13 @@ async def group_view(nc: NATS, cg: str, stream: str = n.TASK_STREAM) -> dict[str
     """Everything ``show`` prints: config, partition -> member, pins, pending."""
     kv = await _kv(nc)
     try:
-        entry = await kv.get(group_key(stream, cg))
+        try:
+            entry = await kv.get(group_key(stream, cg))
+        except nats.js.errors.KeyNotFoundError:
+            # a DagNats-mode type's group is DagNats's: workers-{type}[-{group}]
+            t, _, g = cg.partition("__g_")
+            cg = dagnats_group_name(t, g or None)
+            entry = await kv.get(group_key(stream, cg))
     except nats.js.errors.KeyNotFoundError:
         raise CLIError(
             f"no elastic group {group_key(stream, cg)} (is the type partitioned? "
