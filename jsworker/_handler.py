@@ -20,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _names as n
 from ._aio import cancel_and_wait
+from ._dagnats import sanitize as sanitize_name
 from ._duration import Duration, seconds
 from ._env import RuntimeEnv
 from ._errors import ConfigError, ConsumerConflictError, NotProvisionedError, ServerError
@@ -210,7 +211,35 @@ class HandlerRuntime:
             )
             await loop.start()
             self.loops.append(loop)
+        if c.dagnats and self.env.groups == (None,):
+            await self._dagnats_sticky()
         self._start_heartbeats()
+
+    async def _dagnats_sticky(self) -> None:
+        """DagNats routes the later steps of a sticky run (``"sticky"`` on the workflow)
+        to the worker that completed its first step, on ``sticky.{type}.{worker}.>`` of
+        STICKY_TASKS, as its Go worker consumes them: an ephemeral consumer of this
+        worker's own (the server removes it once idle). No stream, no sticky routing."""
+        js = self.env.js
+        name = f"sticky_{sanitize_name(self.spec.task_type)}_{self.env.worker_id}"
+        cfg = ConsumerConfig(
+            name=name,
+            filter_subject=f"sticky.{self.spec.task_type}.{self.env.worker_id}.>",
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.lease,
+            inactive_threshold=120.0,
+        )
+        try:
+            await js.add_consumer(n.STICKY_STREAM, cfg)
+        except nats.js.errors.NotFoundError:
+            return
+        except nats.js.errors.APIError as e:
+            log.warning("sticky consumer of %s not created: %s", self.task_type, e.description)
+            return
+        loop = self._pull_loop(n.STICKY_STREAM, name, self._dispatch, expires=self.env.pull_expires)
+        await loop.start()
+        self.loops.append(loop)
 
     def _start_heartbeats(self) -> None:
         self._hb_task = self.env.supervisor.spawn(f"heartbeat:{self.task_type}", self._heartbeats)
@@ -367,6 +396,8 @@ class HandlerRuntime:
         """The task's subject on ``task.>`` (partitioned streams prefix a partition; a
         sticky task's is its ``Jsworker-Task-Subject`` header)."""
         s = msg.subject
+        if s.startswith("sticky.") and self.env.contract.dagnats:
+            return s  # the engine's sticky.{type}.{worker}.{run}: no home subject header
         if s.startswith("sticky."):
             from ._sticky import home_subject  # _sticky builds on this module
 

@@ -732,3 +732,25 @@ def test_the_repl_serves_a_live_workflow_and_swaps_code_mid_run(
             s.p.terminate(force=True)
     assert run["status"] == "completed"
     assert [step_output(run["steps"][x]) for x in "abc"] == ["v1", "v1", "v2"]
+
+
+async def test_a_sticky_workflow_routes_its_later_steps_to_the_jsworker_worker(
+    dnc: NATS, engine: Engine, unique: Any
+) -> None:
+    t, name = unique("sticky"), unique("wfsticky")
+    wf = workflow(name, step("a", t), step("b", t, deps=("a",)))
+    wf["sticky"] = "soft"
+    engine.register(wf)
+    subjects: list[str] = []
+    worker = jsworker.Worker(dnc, engine="dagnats")
+
+    @worker.handle(t)
+    def record(ctx: jsworker.TaskContext) -> str:
+        subjects.append(ctx.info.subject)
+        return ctx.step_id
+
+    async with worker:
+        run_id = engine.start_run(name)
+        run = await wait_run(dnc, run_id)
+    assert run["status"] == "completed"
+    assert subjects == [f"task.{t}.{run_id}", f"sticky.{t}.{worker.worker_id}.{run_id}"]
