@@ -754,3 +754,40 @@ async def test_a_sticky_workflow_routes_its_later_steps_to_the_jsworker_worker(
         run = await wait_run(dnc, run_id)
     assert run["status"] == "completed"
     assert subjects == [f"task.{t}.{run_id}", f"sticky.{t}.{worker.worker_id}.{run_id}"]
+
+
+async def test_a_singleton_shared_with_a_go_member_runs_one_task_at_a_time(
+    dserver: EmbeddedServer, dnc: NATS, engine: Engine, unique: Any
+) -> None:
+    t, name = unique("single"), unique("wfsingle")
+    engine.register(workflow(name, step("s", t)))
+    peer = Peer(dserver.url, "-type", t, "-singleton", "-sleep", "5ms")
+    running = 0
+    most = 0
+    ran: list[str] = []
+    worker = jsworker.Worker(dnc, engine="dagnats")
+
+    @worker.handle_singleton(t)
+    async def single(ctx: jsworker.TaskContext) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        ran.append(ctx.run_id)
+        await asyncio.sleep(0.005)
+        running -= 1
+        return {"by": "python"}
+
+    try:
+        async with worker:
+            kv = await dnc.jetstream().key_value("elastic-consumer-groups")
+            cfg = json.loads((await kv.get(f"TASK_QUEUES.workers-{t}")).value or b"")
+            assert cfg["max_members"] == 1 and len(cfg["members"]) == 2
+            runs = [engine.start_run(name, {"i": i}) for i in range(20)]
+            results = [await wait_run(dnc, r) for r in runs]
+    finally:
+        go_ran = peer.stop()
+    assert all(r["status"] == "completed" for r in results)
+    assert most == 1
+    # one member holds the only partition: one process ran them all, each once
+    assert sorted(ran + [r for r, _, _ in go_ran]) == sorted(runs)
+    assert not (ran and go_ran)
