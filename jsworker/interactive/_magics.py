@@ -67,7 +67,7 @@ def attach(session: Session) -> None:
         from IPython.core.getipython import get_ipython
     except ImportError:  # pragma: no cover - only called when IPython is loaded
         return
-    ip = get_ipython()  # type: ignore[no-untyped-call]
+    ip = get_ipython()  # type: ignore[no-untyped-call,unused-ignore]  # typed from IPython 9
     if ip is not None:
         install(ip)
 
