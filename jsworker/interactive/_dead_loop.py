@@ -80,22 +80,50 @@ class Trial:
         """Rows the function now handles and that hold a task to re-submit."""
         return [r for r in self.rows if r.passed and r.dead.replayable]
 
-    async def replay(self, *, dry_run: bool = False) -> list[ReplayResult]:
+    async def replay(self, *, dry_run: bool = False) -> Replayed:
         """Re-submit, for real, every dead letter the function now handles (the
         others are left alone). Each carries ``metadata["replayed_from"]`` and the
-        message id ``replay.{seq}``, so replaying twice submits once (``duplicate``)."""
+        message id ``replay.{seq}``, so replaying twice submits once (``duplicate``).
+        Returns a :class:`Replayed` (a list of ``ReplayResult`` with a summary)."""
         out = [await replay_dead(self.session.nc, r.dead, dry_run=dry_run) for r in self.passing]
         if not dry_run:
             self.replayed = out
-        return out
+        return Replayed(out, trial=self, dry_run=dry_run)
+
+    def _what(self) -> str:
+        n = len(self.rows)
+        return "the last dead letter" if n == 1 else f"the last {n} dead letters"
+
+    def _summary(self) -> str:
+        """The sentence above the table, as text (the REPL: no magics there)."""
+        if not self.rows:
+            return f"No dead letters of {self.task_type}: nothing to try {self.function} on."
+        ok, bad = len(self.passing), len(self.rows) - len(self.passing)
+        what = self._what()
+        head = f"{self.function} on {what} of {self.task_type}: {ok} pass, {bad} fail."
+        if not ok:
+            return head + " Nothing to replay yet."
+        return head + f" Replay the {ok} passing with `await` this result's `.replay()`."
 
     def _repr_html_(self) -> str:
         e = html.escape
+        if not self.rows:
+            return (
+                f"<p>No dead letters of <code>{e(self.task_type)}</code>: nothing to try "
+                f"<b>{e(self.function)}</b> on.</p>"
+            )
+        ok = len(self.passing)
+        what = self._what()
         head = (
-            f"<p><b>{e(self.function)}</b> on the last {len(self.rows)} dead letters of "
-            f"<code>{e(self.task_type)}</code>: {len(self.passing)} pass, "
-            f"{len(self.rows) - len(self.passing)} fail. "
-            + ("Replay the passing ones with <code>await trial.replay()</code>.</p>")
+            f"<p><b>{e(self.function)}</b> on {what} of "
+            f"<code>{e(self.task_type)}</code>: {ok} pass, "
+            f"{len(self.rows) - ok} fail. "
+            + (
+                f"Replay the {ok} passing with <code>%jsworker replay</code> "
+                "(in Python: <code>await</code> this result's <code>.replay()</code>).</p>"
+                if ok
+                else "Nothing to replay yet.</p>"
+            )
         )
         rows = "".join(
             "<tr>"
@@ -116,11 +144,9 @@ class Trial:
         )
 
     def __rich__(self) -> RenderableType:
-        t = Table(
-            title=f"{self.function} on {len(self.rows)} dead letters of {self.task_type}: "
-            f"{len(self.passing)} pass",
-            title_justify="left",
-        )
+        if not self.rows:
+            return Text(self._summary())
+        t = Table(title=self._summary(), title_justify="left")
         for col in ("seq", "input", "recorded error", "now"):
             t.add_column(col)
         for r in self.rows:
@@ -135,10 +161,67 @@ class Trial:
         return t
 
     def __repr__(self) -> str:
+        if not self.rows:
+            return f"<Trial {self.function}: no dead letters of {self.task_type}>"
         return (
             f"<Trial {self.function} on {len(self.rows)} dead letters of {self.task_type}: "
             f"{len(self.passing)} pass>"
         )
+
+
+class Replayed(list[ReplayResult]):
+    """What :meth:`Trial.replay` did: the ``ReplayResult`` of each re-submitted dead
+    letter (a list), shown as a sentence rather than a list of reprs."""
+
+    def __init__(self, results: list[ReplayResult], *, trial: Trial, dry_run: bool) -> None:
+        super().__init__(results)
+        self.trial = trial
+        self.dry_run = dry_run
+
+    def summary(self) -> str:
+        t = self.trial
+        left = len(t.rows) - len(self)
+        rest = f"; {left} still failing left alone" if left else ""
+        if not self:
+            why = (
+                f"no dead letters of {t.task_type}"
+                if not t.rows
+                else f"{t.function} passes none of {t._what()}"
+            )
+            return f"Nothing replayed: {why}."
+        runs = ", ".join(r.run_id for r in self)
+        if self.dry_run:
+            return (
+                f"Dry run: {_dead_letters(len(self))} of {t.task_type} would be re-submitted "
+                f"(runs {runs}){rest}."
+            )
+        new = [r for r in self if not r.duplicate]
+        dup = len(self) - len(new)
+        parts = [f"Replayed {_dead_letters(len(new))} of {t.task_type}"]
+        if new:
+            parts[0] += f" (runs {', '.join(r.run_id for r in new)})"
+        if dup:
+            parts.append(f"{dup} already replayed before (not submitted again)")
+        waiting = [r for r in new if not r.listening]
+        if waiting:
+            parts.append(
+                f"{len(waiting)} wait in the queue: no worker serves "
+                f"{', '.join(sorted({r.subject for r in waiting}))} yet"
+            )
+        return "; ".join(parts) + rest + "."
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        return f"<p>{html.escape(self.summary())}</p>"
+
+    def __rich__(self) -> RenderableType:
+        return Text(self.summary())
+
+
+def _dead_letters(n: int) -> str:
+    return f"{n} dead letter" + ("" if n == 1 else "s")
 
 
 async def try_dead(
@@ -152,7 +235,11 @@ async def try_dead(
     dead = await list_dead(session.nc, task_type=task_type, limit=last)
     rows = [await _run_one(fn, dl) for dl in dead]
     name = getattr(fn, "__qualname__", repr(fn))
-    return Trial(session, task_type, name, rows)
+    trial = Trial(session, task_type, name, rows)
+    from ._magics import state  # `%jsworker replay` replays the latest trial
+
+    state.last_trial = trial
+    return trial
 
 
 def _input(dl: DeadLetter) -> Any:

@@ -65,10 +65,6 @@ class GroupMap:
         ]
         if m.unassigned:
             rows.append(["(unassigned)", len(m.unassigned), _ranges(m.unassigned)])
-        if m.not_consumed:  # assigned, but the member's consumer is not there (yet)
-            rows.append(
-                ["(assigned, not consumed yet)", len(m.not_consumed), _ranges(m.not_consumed)]
-            )
         return _html_table(
             f"{title}: {len(m.members)} members, {m.max_partitions} partitions, "
             f"revision {m.revision}",
@@ -76,6 +72,21 @@ class GroupMap:
             rows,
             bar=[(member, len(parts)) for member, parts in sorted(m.members.items())],
             total=m.max_partitions,
+            me=m.me,
+        ) + (
+            f"<p style='margin:2px 0'><i>{e(m.not_consumed_note())}</i></p>"
+            if m.not_consumed
+            else ""
+        )
+
+    def not_consumed_note(self) -> str:
+        """Partitions counted in their member's row whose consumer is not there (yet):
+        a state of those partitions, not one more member."""
+        n = len(self.not_consumed)
+        return (
+            f"note: {n} of the partitions above ({_ranges(self.not_consumed)}) "
+            f"{'is' if n == 1 else 'are'} assigned but not consumed yet "
+            "(the member's consumer is starting, or its member is gone)"
         )
 
 
@@ -113,14 +124,19 @@ class Snapshot:
     # ------------------------------------------------------------- notebook
     def _repr_html_(self) -> str:
         e = html.escape
-        out = [
-            '<div class="jsworker-snapshot" style="font-family: sans-serif">',
+        head = [
             f"<b>jsworker</b> worker <code>{e(self.worker_id)}</code> "
             f"<span style='color:{'green' if self.state == 'running' else 'gray'}'>"
             f"{e(self.state)}</span> on <code>{e(self.url)}</code>"
-            + (f" group <code>{e(self.group)}</code>" if self.group else "")
-            + f" &middot; in flight {self.in_flight} &middot; "
-            + ", ".join(f"{k} {v}" for k, v in self.stats.items() if v),
+            + (f" group <code>{e(self.group)}</code>" if self.group else ""),
+            f"in flight {self.in_flight}",
+        ]
+        stats = ", ".join(f"{e(k)} {v}" for k, v in self.stats.items() if v)
+        if stats:
+            head.append(stats)
+        out = [
+            '<div class="jsworker-snapshot" style="font-family: sans-serif">',
+            " &middot; ".join(head),
             _html_table(
                 "handlers",
                 ["type", "function", "version", "partitions", "held", "in flight"],
@@ -134,8 +150,8 @@ class Snapshot:
                         h.get("in_flight"),
                     ]
                     for h in self.handlers
-                ]
-                or [["(none yet: define one with @session.handle)", "", "", "", "", ""]],
+                ],
+                empty="(none yet: define one with @session.handle)",
             ),
         ]
         for m in self.maps:
@@ -204,8 +220,14 @@ class Snapshot:
                     _ranges(ps),
                 )
             if m.unassigned:
-                mt.add_row(Text("(unassigned)", style="red"), str(len(m.unassigned)), "")
+                mt.add_row(
+                    Text("(unassigned)", style="red"),
+                    str(len(m.unassigned)),
+                    _ranges(m.unassigned),
+                )
             parts.append(mt)
+            if m.not_consumed:
+                parts.append(Text(m.not_consumed_note(), style="yellow"))
         if self.recent:
             rt = Table(title="recent outcomes", title_justify="left")
             for col in ("type", "v", "key", "outcome", "detail"):
@@ -439,20 +461,52 @@ def _html_table(
     cols: list[str],
     rows: list[list[Any]],
     *,
+    empty: str | None = None,
     bar: list[tuple[str, int]] | None = None,
     total: int = 0,
+    me: str | None = None,
 ) -> str:
+    """A titled table; ``empty``: one row across every column when there are no rows.
+    ``bar``: (member, count) segments of ``total`` above it, with a legend."""
     e = html.escape
     parts = [f"<p style='margin:6px 0 2px 0'><b>{e(title)}</b></p>"]
     if bar and total:
-        segs = "".join(
-            f"<div title='{e(m)}: {c}' style='width:{100 * c / total:.2f}%;"
-            f"background:{_COLOURS[i % len(_COLOURS)]};height:10px'></div>"
-            for i, (m, c) in enumerate(bar)
-        )
-        parts.append(f"<div style='display:flex;width:320px;border:1px solid #ccc'>{segs}</div>")
+        parts.append(_bar(bar, total, me))
     parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
     for r in rows:
         parts.append("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r) + "</tr>")
+    if not rows and empty is not None:
+        parts.append(f"<tr><td colspan='{len(cols)}'><i>{e(empty)}</i></td></tr>")
     parts.append("</table>")
     return "".join(parts)
+
+
+def _bar(bar: list[tuple[str, int]], total: int, me: str | None) -> str:
+    """The share of each member as a bar of coloured segments, and the legend naming
+    each colour (the part left white is unassigned)."""
+    e = html.escape
+    segs: list[str] = []
+    legend: list[str] = []
+    for i, (m, c) in enumerate(bar):
+        colour = _COLOURS[i % len(_COLOURS)]
+        segs.append(
+            f"<div title='{e(m)}: {c}' style='width:{100 * c / total:.2f}%;"
+            f"background:{colour};height:10px'></div>"
+        )
+        name = e(m) + (" (this session)" if m == me else "")
+        legend.append(
+            "<span style='margin-right:10px;white-space:nowrap'>"
+            f"<span style='display:inline-block;width:10px;height:10px;background:{colour};"
+            f"margin-right:3px'></span>{name}: {c}</span>"
+        )
+    left = total - sum(c for _, c in bar)
+    if left > 0:
+        legend.append(
+            "<span style='margin-right:10px;white-space:nowrap'>"
+            "<span style='display:inline-block;width:10px;height:10px;background:#fff;"
+            f"border:1px solid #ccc;margin-right:3px'></span>unassigned: {left}</span>"
+        )
+    return (
+        f"<div style='display:flex;width:320px;border:1px solid #ccc'>{''.join(segs)}</div>"
+        f"<div class='jsworker-legend' style='font-size:85%;margin:2px 0'>{''.join(legend)}</div>"
+    )

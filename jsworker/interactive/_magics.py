@@ -302,7 +302,7 @@ COMMANDS = {
     "tail": "tail [RUN_ID] [--seconds S] [--count N]",
     "remove": "remove TYPE  (drain, hand back partitions)",
     "dead": "dead TYPE FUNCTION [--last N]  (try FUNCTION on dead letters' inputs, locally)",
-    "replay": "replay  (re-submit the dead letters the last `dead` trial fixed)",
+    "replay": "replay  (re-submit the dead letters the last trial fixed: `dead` or try_dead)",
     "close": "close  (stop the worker cleanly, leave every group)",
 }
 
@@ -364,12 +364,40 @@ def _expand(line: str) -> str:
     return _VAR.sub(value, line)
 
 
-async def run_magic(line: str) -> Any:
-    """Run one ``%jsworker`` line; what it returns is the cell's value."""
+_SUBMIT_RAW_JSON = re.compile(r"^\s*submit\s+(?P<type>[^\s'\"-][^\s'\"]*)\s+(?=[\[{])")
+_QUOTE_HINT = (
+    "quote the JSON as one argument, e.g. %jsworker submit TYPE '{\"a\": 1}' "
+    '(an object or array may also be typed as is: %jsworker submit TYPE {"a": 1})'
+)
+
+
+def _split(line: str) -> tuple[list[str], Any]:
+    """``shlex`` words of a magic line, and the input of a ``submit TYPE {...}`` /
+    ``submit TYPE [...]`` typed without quotes (then left out of the words): an object
+    or array right after the type is read as JSON up to its closing bracket, since the
+    shell-like split would strip its quotes. ``...`` when there is none."""
+    raw: Any = ...
+    m = _SUBMIT_RAW_JSON.match(line)
+    if m is not None:
+        import json
+
+        try:
+            raw, end = json.JSONDecoder().raw_decode(line, m.end())
+        except ValueError as e:
+            raise ConfigError(f"input is not JSON: {e}; {_QUOTE_HINT}") from None
+        rest = line[end:]
+        if rest and not rest[0].isspace():
+            raise ConfigError(f"input is not JSON: text after it: {rest.split()[0]!r}")
+        line = f"submit {shlex.quote(m.group('type'))}{rest}"
     try:
-        args = shlex.split(_expand(line))
+        return shlex.split(_expand(line)), raw
     except ValueError as e:
         raise ConfigError(f"cannot parse `%jsworker {line}`: {e}") from None
+
+
+async def run_magic(line: str) -> Any:
+    """Run one ``%jsworker`` line; what it returns is the cell's value."""
+    args, raw_input = _split(line)
     if not args or args[0] in ("help", "-h", "--help"):
         return "\n".join(f"%jsworker {v}" for v in COMMANDS.values())
     cmd, rest = args[0], args[1:]
@@ -396,16 +424,23 @@ async def run_magic(line: str) -> Any:
         return await live(current(), every, [o["type"]] if "type" in o else [])
     if cmd == "submit":
         pos, o = _opts(rest, {"--wait"}, {"--key", "--group"})
+        data: Any = None if raw_input is ... else raw_input
+        if raw_input is not ... and len(pos) != 1:
+            raise ConfigError(f"submit takes TYPE and one JSON input, got more: {pos[1:]}")
         if not 1 <= len(pos) <= 2:
+            if len(pos) > 2:
+                raise ConfigError(
+                    f"submit takes TYPE and one JSON input, got {len(pos) - 1} words "
+                    f"({' '.join(pos[1:])}): {_QUOTE_HINT}"
+                )
             raise ConfigError("usage: %jsworker " + COMMANDS["submit"])
-        data: Any = None
         if len(pos) == 2:
             import json
 
             try:
                 data = json.loads(pos[1])
             except ValueError as e:
-                raise ConfigError(f"input is not JSON: {e}") from None
+                raise ConfigError(f"input is not JSON ({pos[1]!r}: {e}); {_QUOTE_HINT}") from None
         return await current().submit(
             pos[0], data, key=o.get("key"), group=o.get("group"), wait=bool(o.get("wait"))
         )
