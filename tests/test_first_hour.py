@@ -1,0 +1,115 @@
+"""What a new user meets first (issue 20): `jsworker dev` with and without the demo, the
+README's example beside the demo, one-line errors. Real processes, real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import nats
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Proc:
+    """A ``jsworker`` subprocess whose stdout lines are read as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.t0 = time.monotonic()
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "jsworker.cli",
+            *args,
+            env={**(env or os.environ), "COLUMNS": "200", "NO_COLOR": "1"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(proc)
+
+    async def wait_for(self, pattern: str, timeout: float = 40) -> re.Match[str]:
+        """The first stdout line (read so far or next) matching ``pattern``."""
+        rx = re.compile(pattern)
+        for line in self.lines:
+            if m := rx.search(line):
+                return m
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            raw = await asyncio.wait_for(
+                self.proc.stdout.readline(), max(0.1, deadline - time.monotonic())
+            )
+            if not raw:
+                err = await self.proc.stderr.read() if self.proc.stderr else b""
+                raise AssertionError(
+                    f"exited before {pattern!r}:\n" + "\n".join(self.lines) + err.decode()
+                )
+            line = raw.decode().rstrip("\n")
+            self.lines.append(line)
+            if m := rx.search(line):
+                return m
+
+    async def stop(self, *, interrupt: bool = True) -> tuple[str, str]:
+        if interrupt:
+            self.proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(self.proc.communicate(), 40)
+        self.lines += out.decode().splitlines()
+        return "\n".join(self.lines), err.decode()
+
+
+async def test_dev_demo_in_a_log_prints_progress_once_per_change_and_the_demos_time() -> None:
+    p = await Proc.start("dev", "--demo", "--demo-tasks", "12", "--rate", "200")
+    intro = await p.wait_for(r"^demo: 12 tasks")
+    assert "on purpose" in intro.string  # the failures are announced as deliberate
+    await p.wait_for(r"^12/12 tasks reached an outcome$")
+    seen_done = time.monotonic() - p.t0
+    # the demo is done and idles: two more progress periods (2 s each) pass with no
+    # change, which used to print the same line again each time
+    await asyncio.sleep(4.5)
+    out, err = await p.stop()
+    assert p.proc.returncode == 0, err
+    progress = [line for line in out.splitlines() if line == "12/12 tasks reached an outcome"]
+    assert len(progress) == 2, out  # one progress line, one under the final table
+    m = re.search(r"demo summary: 12/12 tasks reached an outcome in ([\d.]+)s", out)
+    assert m, out
+    # the demo's own time (first submit to last outcome), not the process's uptime
+    assert float(m.group(1)) < seen_done, (m.group(1), seen_done)
+
+
+async def test_dev_without_demo_or_app_runs_a_provisioned_server_only() -> None:
+    p = await Proc.start("dev")
+    m = await p.wait_for(r"export NATS_URL=(nats://127\.0\.0\.1:\d+)")
+    await p.wait_for(r"^server only")
+    nc = await nats.connect(m.group(1))
+    try:
+        names = {s.config.name for s in await nc.jetstream().streams_info()}
+        assert {"TASK_QUEUES", "WORKFLOW_HISTORY"} <= names  # provisioned
+    finally:
+        await nc.close()
+    _, err = await p.stop()
+    assert p.proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+async def test_dev_refuses_demo_and_app_together() -> None:
+    p = await Proc.start("dev", "--demo", "--app", "x:y")
+    _, err = await p.stop(interrupt=False)
+    assert p.proc.returncode == 2 and "not both" in err
+
+
+@pytest.mark.parametrize("args", [("--exit-after-demo",)])
+async def test_exit_after_demo_still_needs_demo(args: tuple[str, ...]) -> None:
+    p = await Proc.start("dev", *args)
+    _, err = await p.stop(interrupt=False)
+    assert p.proc.returncode == 2 and "--exit-after-demo needs --demo" in err
