@@ -27,6 +27,7 @@ after its outcome (or its dead letter) is stored.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -41,6 +42,7 @@ from . import _names as n
 from . import _wire as w
 from ._context import Outcome, TaskInfo
 from ._dagnats import failure_type_of
+from ._dead import REPLAYED_FROM
 from ._errors import JSWorkerError, PayloadError
 from ._handler import HandlerSpec
 from ._pubacks import PubAcks
@@ -124,8 +126,29 @@ def _traceback(o: Outcome) -> dict[str, str]:
     return {"traceback": o.traceback} if o.traceback else {}
 
 
+def replay_tag(metadata: Mapping[str, str]) -> str:
+    """``.r{seq}`` for a task re-submitted from dead letter ``seq`` (its metadata
+    ``replayed_from``, docs/dead-letters.md), else ``""``.
+
+    Appended to the dedup ids of everything the task records (events, its dead letter,
+    its next iteration), so a replay is not dropped as a duplicate of the run's earlier
+    records within the streams' duplicate windows, while a redelivery of the replay
+    still records once. A value that does not parse is ignored (no tag)."""
+    raw = metadata.get(REPLAYED_FROM)
+    if not raw:
+        return ""
+    try:
+        link = json.loads(raw)
+    except ValueError:
+        return ""
+    seq = link.get("seq") if isinstance(link, dict) else None
+    if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0:
+        return f".r{seq}"
+    return ""
+
+
 def dead_msg_id(info: TaskInfo) -> str:
-    return f"{info.run_id}.{info.step_id}.{info.iteration}.dead"
+    return f"{info.run_id}.{info.step_id}.{info.iteration}.dead{replay_tag(info.metadata)}"
 
 
 #: fields of an event payload that may be truncated to make the event fit
@@ -314,7 +337,9 @@ class OutcomeRecorder:
             # The successor must fit before anything is recorded: its input is this
             # iteration's output, and a step.continue without a successor would strand it.
             body = replace(payload, iteration=nxt, attempt=1, input=o.output).encode()
-            headers = {"Nats-Msg-Id": f"{info.run_id}.{info.step_id}.{nxt}"}
+            headers = {
+                "Nats-Msg-Id": f"{info.run_id}.{info.step_id}.{nxt}{replay_tag(info.metadata)}"
+            }
             self.fits(info.subject, body, headers)
             # The event first, then the successor: history stays in causal order (the
             # next iteration cannot start, let alone finish, before this one's
@@ -597,7 +622,8 @@ class OutcomeRecorder:
             trace_state=payload.tracestate,
         )
         subject = n.history_subject(info.run_id)
-        headers = {"Nats-Msg-Id": w.event_msg_id(info.run_id, info.step_id, etype, suffix)}
+        msg_id = w.event_msg_id(info.run_id, info.step_id, etype, suffix)
+        headers = {"Nats-Msg-Id": msg_id + replay_tag(info.metadata)}
         if wait:
             await self._publish(subject, self.encode(doc, _EVENT_SHRINK, headers), headers)
             return

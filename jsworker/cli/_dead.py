@@ -318,6 +318,23 @@ def dead_replay(
             if r.duplicate:
                 line.append("  duplicate: already replayed, not submitted again", style="yellow")
             console.print(line, soft_wrap=True)
+            if not r.dry_run and not r.duplicate:
+                # the run's history still starts with the original failure: follow the
+                # events (the replay's are recorded after it), not `task watch`
+                console.print(
+                    Text("  follow it: ", style="dim").append(
+                        safe(f"jsworker task events {r.run_id} --follow"), style=""
+                    ),
+                    soft_wrap=True,
+                )
+        submitted = sorted({r.dl.task_type for r in results if not r.dry_run and not r.duplicate})
+        for t in submitted:
+            console.print(
+                Text("  if it fails again, its new dead letter is listed by: ", style="dim").append(
+                    safe(f"jsworker dead list --type {t}"), style=""
+                ),
+                soft_wrap=True,
+            )
     deaf = sorted({r.subject.rsplit(".", 1)[0] for r in results if not r.listening})
     if deaf:
         verb = "would wait" if dry_run else "waits"
