@@ -286,12 +286,7 @@ class HandlerRuntime:
         except nats.js.errors.APIError as e:
             if e.err_code == _ERR_NOT_UNIQUE:
                 raise ConsumerConflictError(
-                    f"cannot create consumer {name!r} (filter {filt!r}): another consumer on the "
-                    f"work-queue stream {n.TASK_STREAM} overlaps it. A worker without groups "
-                    f"(filter task.{self.spec.task_type}.>) and workers with groups cannot serve "
-                    "the same task type at once: give every worker of this type groups, or none "
-                    "(a consumer named workers-... is DagNats's: start this worker with "
-                    "--engine dagnats)."
+                    await _conflict_message(js, name, filt, self.spec.task_type, dagnats=False)
                 ) from None
             raise ServerError(f"creating consumer {name!r} failed: {e.description}") from None
 
@@ -335,11 +330,7 @@ class HandlerRuntime:
         except nats.js.errors.APIError as e:
             if e.err_code == _ERR_NOT_UNIQUE:
                 raise ConsumerConflictError(
-                    f"cannot create consumer {name!r} (filter {filt!r}): another consumer on "
-                    f"{n.TASK_STREAM} overlaps it. A standalone jsworker worker of "
-                    f"{self.spec.task_type!r} (consumer {self.spec.task_type!r}) or a "
-                    "partitioned group of it is running: stop it, or run every worker of "
-                    "this type in the same mode and shape"
+                    await _conflict_message(js, name, filt, self.spec.task_type, dagnats=True)
                 ) from None
             raise ServerError(f"creating consumer {name!r} failed: {e.description}") from None
         self.lease = DEFAULT_ACK_WAIT
@@ -431,3 +422,52 @@ class HandlerRuntime:
         await self.stop_pulling()
         await cancel_and_wait(self._hb_task)
         self._hb_task = None
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether two subject filters can match one subject (``*``: a token, ``>``: the
+    rest), as the server decides a work-queue stream's consumers overlap."""
+    ta, tb = a.split("."), b.split(".")
+    for x, y in zip(ta, tb, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != y and x != "*" and y != "*":
+            return False
+    return len(ta) == len(tb)
+
+
+async def _conflict_message(js: Any, name: str, filt: str, task_type: str, *, dagnats: bool) -> str:
+    """One line: which consumer already takes these tasks, whose it is, what to do."""
+    others: list[tuple[str, str]] = []
+    with contextlib.suppress(Exception):  # the message must not fail: name what we can
+        for ci in await js.consumers_info(n.TASK_STREAM):
+            cfg = ci.config
+            fs = [cfg.filter_subject] if cfg.filter_subject else list(cfg.filter_subjects or [])
+            if ci.name != name and any(filters_overlap(f, filt) for f in fs):
+                others.append((ci.name, ",".join(fs)))
+    head = f"cannot create consumer {name!r} (filter {filt!r}) for {task_type!r}: "
+    if not others:
+        return head + (
+            f"another consumer on the work-queue stream {n.TASK_STREAM} overlaps it "
+            "(every worker of a task type must use the same groups, or none)"
+        )
+    who = ", ".join(f"{o!r} (filter {f!r})" for o, f in others)
+    o, f = others[0]
+    if o.startswith("workers-") and not dagnats:
+        hint = "that is DagNats's consumer: start this worker with --engine dagnats"
+    elif dagnats:
+        hint = (
+            "a standalone jsworker worker (or a partitioned group) of this type holds it: "
+            "stop it, or run every worker of this type in the same mode"
+        )
+    elif f == f"task.{task_type}.>":
+        hint = (
+            "a worker without groups takes every task of this type: stop it, or give "
+            "every worker of this type the same groups (or none)"
+        )
+    else:
+        hint = (
+            "workers with other groups serve this type: give this worker groups too "
+            "(a worker without groups cannot share a type with grouped ones), or stop them"
+        )
+    return head + f"{who} overlaps it and already takes these tasks on {n.TASK_STREAM}; {hint}"

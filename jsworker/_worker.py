@@ -221,6 +221,7 @@ class Worker:
         self._specs: dict[str, HandlerSpec] = {}  # wanted
         self._runtimes: dict[str, HandlerRuntime] = {}  # running
         self._state = "new"  # new -> running -> stopping -> stopped
+        self._syncing = 0  # callers waiting in sync()
         self._stopped = asyncio.Event()
         self._supervisor: Supervisor | None = None
         self._executor: Executor | None = None
@@ -335,15 +336,19 @@ class Worker:
         of a replaced handler's old code is still running; then raise the first error
         that a live change met since the last call (consumer creation refused, stream
         or bucket missing, ...). A handler whose start failed is unregistered again."""
-        while True:
-            task = self._converging
-            if task is not None:
-                await asyncio.shield(task)
-            if self._executor is not None:
-                for t, spec in list(self._specs.items()):
-                    await self._executor.wait_versions_gone(t, spec.version)
-            if self._converging is None or self._converging.done():
-                break
+        self._syncing += 1  # a start error now reaches a caller: it is not logged too
+        try:
+            while True:
+                task = self._converging
+                if task is not None:
+                    await asyncio.shield(task)
+                if self._executor is not None:
+                    for t, spec in list(self._specs.items()):
+                        await self._executor.wait_versions_gone(t, spec.version)
+                if self._converging is None or self._converging.done():
+                    break
+        finally:
+            self._syncing -= 1
         if self._errors:
             first, self._errors = self._errors[0], []
             raise first
@@ -569,7 +574,11 @@ class Worker:
             await rt.drain(0)
             if self._specs.get(spec.task_type) is spec:
                 del self._specs[spec.task_type]
-            log.error("handler %s could not start: %s", spec.task_type, e)
+            # raised by the sync() a caller awaits (start, handle in a session); logged
+            # only when nobody waits for it (a change converging in the background)
+            (log.debug if self._syncing else log.error)(
+                "handler %s could not start: %s", spec.task_type, e
+            )
             self._errors.append(e)
 
     async def _refresh_quietly(self) -> None:

@@ -113,3 +113,100 @@ async def test_exit_after_demo_still_needs_demo(args: tuple[str, ...]) -> None:
     p = await Proc.start("dev", *args)
     _, err = await p.stop(interrupt=False)
     assert p.proc.returncode == 2 and "--exit-after-demo needs --demo" in err
+
+
+def _readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"```python\n(import asyncio.*?)```", text, re.S)
+    assert m, "README's first Python example not found"
+    return m.group(1)
+
+
+async def test_the_readme_example_runs_beside_the_readme_demo(tmp_path: Path) -> None:
+    """The two first things a user runs: the demo in one terminal, the README's example
+    in another with the NATS_URL the demo printed. Neither may break the other."""
+    demo = await Proc.start("dev", "--demo", "--demo-tasks", "40", "--rate", "100")
+    try:
+        url = (await demo.wait_for(r"export NATS_URL=(nats://\S+?)\)")).group(1)
+        await demo.wait_for(r"^demo: 40 tasks")  # its worker's consumers exist now
+        script = tmp_path / "example.py"
+        script.write_text(_readme_example())
+        p = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(script),
+            env={**os.environ, "NATS_URL": url},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(p.communicate(), 60)
+        assert p.returncode == 0, err.decode()
+        assert out.decode().strip() == "{'sent': True}"
+        await demo.wait_for(r"^40/40 tasks reached an outcome$")  # the demo was not hurt
+    finally:
+        _, derr = await demo.stop()
+    assert demo.proc.returncode == 0, derr
+
+
+CONFLICT_APP = """
+import jsworker
+
+def make_worker(nc):
+    w = jsworker.Worker(nc, groups=["cpu"])
+    w.handle("send-email", lambda ctx: None)
+    return w
+"""
+
+
+async def test_a_consumer_conflict_is_one_line_naming_the_other_consumer(
+    tmp_path: Path,
+) -> None:
+    """The demo serves send-email without groups; a grouped worker of send-email cannot
+    share it (a work-queue stream). `serve` says so once, in one line, naming the
+    consumer in the way and what to do."""
+    demo = await Proc.start("dev", "--demo", "--demo-tasks", "4", "--rate", "100")
+    try:
+        url = (await demo.wait_for(r"export NATS_URL=(nats://\S+?)\)")).group(1)
+        await demo.wait_for(r"^demo: 4 tasks")
+        (tmp_path / "clash_app.py").write_text(CONFLICT_APP)
+        p = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "jsworker.cli",
+            "serve",
+            "clash_app:make_worker",
+            "--app-dir",
+            str(tmp_path),
+            env={**os.environ, "NATS_URL": url, "COLUMNS": "400", "NO_COLOR": "1"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out_b, err_b = await asyncio.wait_for(p.communicate(), 60)
+    finally:
+        await demo.stop()
+    err = err_b.decode()
+    assert p.returncode == 1
+    assert "Traceback" not in err + out_b.decode()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err  # once, not logged and then raised
+    assert lines[0].startswith("Error: cannot create consumer 'send-email__g_cpu'")
+    assert "'send-email' (filter 'task.send-email.>')" in lines[0]
+    assert "a worker without groups takes every task of this type" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("task.t.>", "task.t.cpu.>", True),
+        ("task.t.cpu.>", "task.t.gpu.>", False),
+        ("task.t.*.x", "task.t.cpu.>", True),
+        ("task.t.a", "task.t.a.b", False),
+        ("task.t.a", "task.t.a", True),
+        ("task.t1.>", "task.t.>", False),
+        (">", "task.x", True),
+    ],
+)
+def test_filters_overlap(a: str, b: str, overlap: bool) -> None:
+    from jsworker._handler import filters_overlap
+
+    assert filters_overlap(a, b) is overlap
+    assert filters_overlap(b, a) is overlap
