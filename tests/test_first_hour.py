@@ -210,3 +210,37 @@ def test_filters_overlap(a: str, b: str, overlap: bool) -> None:
 
     assert filters_overlap(a, b) is overlap
     assert filters_overlap(b, a) is overlap
+
+
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    import subprocess
+
+    p = subprocess.run(
+        [sys.executable, "-m", "jsworker.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "NATS_URL": "nats://127.0.0.1:1", "NO_COLOR": "1", **(env or {})},
+        timeout=60,
+        check=False,
+    )
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_an_import_error_shows_the_users_frames_only(tmp_path: Path) -> None:
+    (tmp_path / "broken_app.py").write_text("import helper_mod\n")
+    (tmp_path / "helper_mod.py").write_text("def f():\n    raise RuntimeError('boom')\n\nf()\n")
+    rc, _, err = _cli("serve", "broken_app:worker", cwd=tmp_path)
+    assert rc == 1
+    assert "Traceback" in err and "RuntimeError: boom" in err
+    frames = re.findall(r'File "([^"]+)"', err)
+    assert frames == [str(tmp_path / "broken_app.py"), *[str(tmp_path / "helper_mod.py")] * 2]
+    assert "importlib" not in err and "jsworker" not in err.replace("'broken_app:worker'", "")
+
+
+def test_a_target_that_is_not_a_worker_reads_as_english(tmp_path: Path) -> None:
+    (tmp_path / "intapp.py").write_text("worker = 5\nname = 'x'\n")
+    rc, _, err = _cli("serve", "intapp:worker", cwd=tmp_path)
+    assert rc == 1 and "the target is an int;" in err, err
+    rc, _, err = _cli("serve", "intapp:name", cwd=tmp_path)
+    assert rc == 1 and "the target is a str;" in err, err

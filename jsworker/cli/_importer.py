@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 import traceback
 from typing import IO, Any, NoReturn
 
@@ -69,8 +71,39 @@ def _user_error(target: object, what: str) -> NoReturn:
     still run.)"""
     name = target if isinstance(target, str) else getattr(target, "__qualname__", target)
     err(f"Error: {name!r}: {what}:")
-    traceback.print_exc()
+    exc = sys.exc_info()[1]
+    assert exc is not None
+    print("".join(user_traceback(exc)), end="", file=sys.stderr)
     raise UserCodeError(what)
+
+
+_OURS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)
+
+
+def _is_ours(filename: str) -> bool:
+    """jsworker's own frames and importlib's (``<frozen importlib._bootstrap>``, the
+    loader's ``exec_module``) say nothing about the user's mistake."""
+    return (
+        filename.startswith(_OURS)
+        or filename.startswith("<frozen importlib")
+        or os.path.basename(os.path.dirname(filename)) == "importlib"
+    )
+
+
+def user_traceback(exc: BaseException) -> list[str]:
+    """The traceback of ``exc`` (and of its causes) with jsworker's and importlib's
+    frames left out: what remains is the user's code. When nothing would remain, the
+    whole traceback is kept (a bug of ours must still be visible)."""
+    te = traceback.TracebackException.from_exception(exc)
+    seen: set[int] = set()
+    node: traceback.TracebackException | None = te
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        kept = [f for f in node.stack if not _is_ours(f.filename)]
+        if kept:
+            node.stack = traceback.StackSummary.from_list(kept)
+        node = node.__cause__ or node.__context__
+    return list(te.format())
 
 
 def check_target(target: Any) -> None:
@@ -79,7 +112,7 @@ def check_target(target: Any) -> None:
         return
     if not callable(target):
         raise CLIError(
-            f"the target is a {type(target).__name__}; expected a jsworker.Worker or a "
+            f"the target is {_a(type(target).__name__)}; expected a jsworker.Worker or a "
             "factory taking the NATS connection and returning one"
         )
     try:
@@ -91,6 +124,11 @@ def check_target(target: Any) -> None:
         ) from None
     except ValueError:  # no signature to inspect (some builtins): find out by calling it
         pass
+
+
+def _a(noun: str) -> str:
+    """``an int``, ``a str``: the article a noun takes (by its first letter)."""
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
 def needs_connection(target: Any) -> bool:
