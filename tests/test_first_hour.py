@@ -244,3 +244,25 @@ def test_a_target_that_is_not_a_worker_reads_as_english(tmp_path: Path) -> None:
     assert rc == 1 and "the target is an int;" in err, err
     rc, _, err = _cli("serve", "intapp:name", cwd=tmp_path)
     assert rc == 1 and "the target is a str;" in err, err
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://127.0.0.1:4222", "http:// is not a NATS scheme): use nats://127.0.0.1:4222"),
+        ("https://example.test:443", "use tls://example.test:443"),
+        ("nats://no-such-host.invalid:4222", "the host name 'no-such-host.invalid' does not"),
+        ("nats://127.0.0.1:1", "(is it running? set --url or NATS_URL; `jsworker dev`"),
+    ],
+)
+def test_connection_errors_are_one_line_and_the_same_for_repl(
+    url: str, says: str, tmp_path: Path
+) -> None:
+    lines = []
+    for args in (("--url", url, "queues"), ("repl", "--url", url, "--no-banner")):
+        rc, out, err = _cli(*args, cwd=tmp_path)
+        assert rc == 1, (args, out, err)
+        got = [line for line in err.splitlines() if line.strip()]
+        assert len(got) == 1 and says in got[0], (args, err)
+        lines.append(got[0])
+    assert lines[0] == lines[1]  # the REPL says exactly what every other command says

@@ -28,6 +28,7 @@ from nats.aio.client import Client as NATS
 
 from .._errors import JSWorkerError
 from .._loop import LoopFactory
+from .._netcheck import HINT, scheme_problem, unreachable
 from .._redact import redact_urls, split_url
 from ._output import CLIError, add_secret, err
 
@@ -123,6 +124,9 @@ class ConnOptions:
         """Connect an existing, not yet connected client (a module-level Worker's)."""
         reporter = _ErrorReporter()
         url = self.display_url
+        bad_scheme = scheme_problem(self.servers)
+        if bad_scheme is not None:
+            raise CLIError(bad_scheme)
         try:
             await nc.connect(**self.kwargs(name, reporter.cb))
         except nats.errors.NoServersError:
@@ -173,10 +177,7 @@ class ConnOptions:
             reporter.loud = True
 
     def _unreachable(self) -> str:
-        return (
-            f"cannot reach a NATS server at {self.display_url} (is it running? set --url or "
-            "NATS_URL; `jsworker dev` starts one)"
-        )
+        return unreachable(self.url, self.servers, HINT)
 
     def _closed_on_us(self) -> str:
         """The server dropped the connection before it was set up. Over TLS without a

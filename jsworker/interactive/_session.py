@@ -34,6 +34,7 @@ from .. import _names as n
 from .._client import Client, TaskHandle
 from .._context import TaskContext
 from .._errors import ConfigError, JSWorkerError, LifecycleError, ServerError
+from .._netcheck import HINT, scheme_problem, unreachable
 from .._provision import setup_all
 from .._redact import redact_urls
 from .._server import EmbeddedServer
@@ -439,18 +440,23 @@ async def _connect(url: str) -> NATS:
     async def quiet(e: Exception) -> None:  # nats-py logs a traceback by default
         return None
 
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    bad_scheme = scheme_problem(servers)
+    if bad_scheme is not None:
+        raise ServerError(bad_scheme)
     try:
         nc = await nats.connect(
-            url,
+            servers,
             name="jsworker-interactive",
             connect_timeout=5,
             allow_reconnect=False,
             max_reconnect_attempts=1,
+            reconnect_time_wait=0.1,  # nats-py waits this long before giving up (2 s)
             error_cb=quiet,
         )
-    except (nats.errors.NoServersError, OSError, TimeoutError) as e:
+    except (nats.errors.NoServersError, OSError, TimeoutError):
         raise ServerError(
-            f"cannot reach a NATS server at {redact_urls(url)}: {e or type(e).__name__}"
+            unreachable(url, servers, HINT)
         ) from None
     # reconnect for good once the first connection worked (as `jsworker serve` does)
     nc.options["allow_reconnect"] = True
