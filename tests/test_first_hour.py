@@ -266,3 +266,72 @@ def test_connection_errors_are_one_line_and_the_same_for_repl(
         assert len(got) == 1 and says in got[0], (args, err)
         lines.append(got[0])
     assert lines[0] == lines[1]  # the REPL says exactly what every other command says
+
+
+SERVE_APP = """
+import jsworker
+
+def make_worker(nc):
+    w = jsworker.Worker(nc)
+    w.handle("first-hour-serve", lambda ctx: None)
+    return w
+"""
+
+
+def test_serve_in_a_terminal_ctrl_c_on_its_own_line_and_one_final_status(
+    tmp_path: Path,
+) -> None:
+    """A real pty read through a terminal emulator (pyte): what the person sees after
+    Ctrl-C is the serving line, the stop message on a line of its own, and one status
+    line (the live line's last frame), not the live line and then a copy of it."""
+    import io
+
+    import pexpect
+    import pyte
+
+    from jsworker import EmbeddedServer
+
+    (tmp_path / "first_hour_app.py").write_text(SERVE_APP)
+    loop = asyncio.new_event_loop()
+    srv = EmbeddedServer(store_dir=str(tmp_path / "store"))
+    loop.run_until_complete(srv.start())
+    try:
+
+        async def provision() -> None:
+            import jsworker
+
+            nc = await nats.connect(srv.url)
+            await jsworker.setup_all(nc)
+            await nc.close()
+
+        loop.run_until_complete(provision())
+        env = {**os.environ, "NATS_URL": srv.url, "TERM": "xterm"}
+        env.pop("NO_COLOR", None)
+        p = pexpect.spawn(
+            sys.executable,
+            ["-m", "jsworker.cli", "serve", "first_hour_app:make_worker"],
+            cwd=str(tmp_path),
+            env=env,
+            encoding="utf-8",
+            timeout=40,
+            dimensions=(30, 160),
+        )
+        p.logfile_read = seen = io.StringIO()
+        p.expect("Ctrl-C stops")
+        p.expect("up 1s")  # the live status line is drawing
+        p.sendcontrol("c")
+        p.expect(pexpect.EOF)
+        p.close()
+    finally:
+        loop.run_until_complete(srv.stop())
+        loop.close()
+    screen = pyte.Screen(160, 30)
+    pyte.Stream(screen).feed(seen.getvalue().replace("\n", "\r\n").replace("\r\r", "\r"))
+    lines = [line.rstrip() for line in screen.display if line.strip()]
+    assert p.exitstatus == 0, lines
+    stop = [i for i, line in enumerate(lines) if "stopping, letting in-flight" in line]
+    assert len(stop) == 1, lines
+    assert lines[stop[0]].startswith("SIGINT: stopping"), lines  # at the start of a line
+    status = [line for line in lines if " in flight " in line]
+    assert len(status) == 1, lines  # the final status, once
+    assert status[0].lstrip("●✖ ").startswith("worker-"), lines

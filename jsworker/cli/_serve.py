@@ -45,6 +45,9 @@ class ShutdownSignals:
         self._on_force = on_force
         self._previous: dict[int, _Handler] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # how to say "stopping": stderr, unless a live display owns the terminal (then
+        # it prints above the display, on a line of its own)
+        self.say: Callable[[str, str], None] = lambda text, style: err(text, style=style)
 
     def __enter__(self) -> ShutdownSignals:
         self._loop = asyncio.get_running_loop()
@@ -64,10 +67,10 @@ class ShutdownSignals:
     def _on_signal(self, signum: int) -> None:
         self.hits += 1
         if self.hits == 1:
-            err(
+            self.say(
                 f"{signal.Signals(signum).name}: stopping, letting in-flight tasks finish "
                 "(send it again to force)",
-                style="yellow",
+                "yellow",
             )
             self.stop.set()
             return
@@ -142,12 +145,27 @@ async def serve_worker(
     def going() -> bool:
         return not signals.stop.is_set() and not runner.done()
 
+    shown = False  # the final status is on screen (the live line's last frame)
     try:
         if console.is_terminal:
             with Live(status_text(worker, started), console=console, refresh_per_second=4) as live:
-                while going():
-                    await signals.sleep(0.25)
-                    live.update(status_text(worker, started))
+                signals.say = lambda text, style: live.console.print(
+                    Text(text, style=style), soft_wrap=True
+                )
+                try:
+                    while going():
+                        await signals.sleep(0.25)
+                        live.update(status_text(worker, started))
+                    # the stop drains under the live line, which then stays as the last
+                    # status (printed once, not once more below it)
+                    stopping = asyncio.create_task(_stop(worker, runner, grace))
+                    while not stopping.done():
+                        await asyncio.wait({stopping}, timeout=0.25)
+                        live.update(status_text(worker, started))
+                    await stopping
+                    shown = True
+                finally:
+                    signals.say = lambda text, style: err(text, style=style)
         else:
             last = time.monotonic()
             while going():
@@ -156,10 +174,15 @@ async def serve_worker(
                     last = time.monotonic()
                     console.print(status_text(worker, started), soft_wrap=True)
     finally:
-        if not runner.done():
-            await worker.stop(grace)
-        console.print(status_text(worker, started), soft_wrap=True)
+        if not shown:
+            await _stop(worker, runner, grace)
+            console.print(status_text(worker, started), soft_wrap=True)
     await runner  # raises WorkerFailedError when the worker failed
+
+
+async def _stop(worker: Worker, runner: asyncio.Task[None], grace: float | None) -> None:
+    if not runner.done():
+        await worker.stop(grace)
 
 
 @click.command("serve")
