@@ -57,11 +57,25 @@ class Screen:
         separates the echo from the output."""
         block = [*lines, ""] if len(lines) > 1 else list(lines)
         for i, line in enumerate(block):
-            self.p.sendline(line)
+            self.p.sendline(keystrokes(block[:i], line))
             self.expect("\r\n")
             if i < len(block) - 1:
                 self.expect(MORE)
         return self.expect(PROMPT)
+
+
+def keystrokes(before: list[str], line: str) -> str:
+    """What a person types for ``line`` (given with its indentation) after the REPL
+    auto-indented the continuation line: more spaces, or backspaces to dedent. An empty
+    line (the end of a block) is typed as nothing: the leftover indent ends it."""
+    from jsworker.interactive._repl import indent_for
+
+    if not line:
+        return ""
+    have = len(indent_for(before))
+    want = len(line) - len(line.lstrip())
+    fix = " " * (want - have) if want >= have else "\x7f" * (have - want)
+    return fix + line.lstrip()
 
 
 def repl_env(tmp_path: Path) -> dict[str, str]:
@@ -310,3 +324,60 @@ def test_repl_joins_a_partitioned_cluster(
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_handle_confirms_live_tail_is_a_summary_and_blocks_auto_indent(
+    server: EmbeddedServer, screen_factory: Callable[..., Screen], unique: Callable[[str], str]
+) -> None:
+    t = unique("live")
+    s = screen_factory("repl", "--url", server.url, "--no-banner")
+    s.expect(PROMPT)
+    # a handler: the statement ends with the line saying it is live
+    out = s.statement(f"@handle({t!r})", "def h(ctx):", "    return ctx.json()")
+    assert f"{t} v1 live" in out.splitlines()[-1], out
+    out = s.statement(f"@handle({t!r})", "def h(ctx):", "    return 2")
+    assert f"{t} v2 live (replaces v1)" in out, out
+    # tail(): the events print as they come; the value is one summary line, not the list
+    s.statement(f"h1 = await submit({t!r}, 5)")
+    out = s.statement("await tail(h1)")
+    assert "step.completed" in out
+    assert "[{" not in out and "<" in out and "events of" in out, out
+    out = s.statement("len(_)")
+    assert re.search(r"^\d+$", out.strip().splitlines()[-1]), out
+    # auto-indent: the continuation line starts indented; backspaces dedent; nested
+    # blocks keep their levels
+    s.p.sendline("def f(x):")
+    s.expect(MORE)
+    s.p.sendline("if x:")  # typed without indentation: the REPL put 4 spaces
+    s.expect(MORE)
+    s.p.sendline("return 'yes'")  # 8, from the REPL
+    s.expect(MORE)
+    s.p.sendline("\x7f" * 4 + "return 'no'")  # back to 4
+    s.expect(MORE)
+    s.p.sendline("")  # only the indent left: the block ends
+    s.expect(PROMPT)
+    out = s.statement("f(1), f(0)")
+    assert "('yes', 'no')" in out, out
+    # a bracketed paste into an auto-indented line brings its own indentation
+    s.p.sendline("def g():")
+    s.expect(MORE)
+    s.p.send("\x1b[200~    return 'pasted'\x1b[201~\r")
+    s.expect(MORE)
+    s.p.sendline("")
+    s.expect(PROMPT)
+    assert "'pasted'" in s.statement("g()")
+    out = s.statement(f"await remove({t!r})")
+    assert f"{t} removed from this worker" in out, out
+    s.p.sendeof()
+    s.p.expect(pexpect.EOF)
+
+
+def test_the_banner_says_the_server_is_embedded(
+    screen_factory: Callable[..., Screen],
+) -> None:
+    s = screen_factory("repl")
+    banner = s.expect(PROMPT)
+    assert "the server is embedded: this REPL started it" in banner, banner
+    assert "export NATS_URL=nats://127.0.0.1:" in banner
+    s.p.sendeof()
+    s.p.expect(pexpect.EOF)

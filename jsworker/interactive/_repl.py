@@ -38,6 +38,8 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.keys import Keys
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from .._errors import JSWorkerError
@@ -53,7 +55,7 @@ jsworker {version} REPL: worker {worker} on {url}{group}, {engine} mode
   @handle("type") def/async def ...   live at once; define it again to replace it
   await submit("type", {{...}}, wait=True)   await tail(run_id)   await status()
   await remove("type")   await partition_map("type")   session, worker, client
-  Ctrl-C interrupts the line, Ctrl-D leaves (the worker stops with its grace period)"""
+  Ctrl-C interrupts the line, Ctrl-D leaves (the worker stops with its grace period){embedded}"""
 
 
 def default_history() -> Path:
@@ -124,6 +126,7 @@ class Repl:
             history=history or InMemoryHistory(),
             completer=NamespaceCompleter(self.ns),
             complete_while_typing=False,
+            key_bindings=_paste_bindings(),
         )
         self._compile = codeop.CommandCompiler()
         self._compile.compiler.flags |= _FLAGS
@@ -137,7 +140,9 @@ class Repl:
                 # stdout is patched only while the prompt is shown: prints from tasks
                 # then go above the prompt; a statement's own output is written at once
                 with patch_stdout(raw=True):
-                    line = await self.prompt.prompt_async(PS2 if lines else PS1)
+                    line = await self.prompt.prompt_async(
+                        PS2 if lines else PS1, default=indent_for(lines)
+                    )
             except KeyboardInterrupt:
                 print("KeyboardInterrupt")
                 lines = []
@@ -152,6 +157,8 @@ class Repl:
                 print(f"prompt error: {type(e).__name__}: {e}", file=sys.stderr)
                 lines = []
                 continue
+            if lines and not line.strip():
+                line = ""  # only the auto-indent left: the block ends here
             lines.append(line)
             source = "\n".join(lines)
             try:
@@ -171,8 +178,11 @@ class Repl:
             await self.execute(source)
 
     async def execute(self, source: str) -> None:
-        """Run one statement; print its errors (never raise)."""
+        """Run one statement; print its errors (never raise). A statement that
+        registered, redefined or removed handlers ends with one line per change once
+        it is live on the worker (``send-email v1 live``)."""
         self.statements += 1
+        before = self._versions()
         try:
             code = compile(source, "<repl>", "single", flags=_FLAGS)
         except (SyntaxError, OverflowError, ValueError):
@@ -197,6 +207,18 @@ class Repl:
                 await self.session.sync()
             except Exception:
                 self._show_exception(brief=True)
+        for line in changes(before, self._versions()):
+            print(line, flush=True)
+
+    def _versions(self) -> dict[str, tuple[int, str]]:
+        try:
+            return {
+                str(h["task_type"]): (int(h["version"]), _shape(h))
+                for h in self.session.worker.handler_info()
+                if h.get("live")
+            }
+        except Exception:  # a closed session: nothing to compare
+            return {}
 
     async def _run_async(self, code: Any) -> None:
         # the statement's own coroutine is the task (a wrapper cancelled before its
@@ -225,6 +247,56 @@ class Repl:
         if tb is not None and tb.tb_frame.f_code.co_filename != "<repl>":
             tb = None  # raised before the statement ran (a compile error)
         traceback.print_exception(et, e, tb)
+
+
+def _paste_bindings() -> KeyBindings:
+    """A paste into a line that holds only the auto-indent replaces the indent: pasted
+    code brings its own indentation."""
+    kb = KeyBindings()
+
+    @kb.add(Keys.BracketedPaste)
+    def _paste(event: KeyPressEvent) -> None:
+        data = event.data.replace("\r\n", "\n").replace("\r", "\n")
+        buf = event.current_buffer
+        if not buf.text.strip():
+            buf.text = ""
+        buf.insert_text(data)
+
+    return kb
+
+
+def _shape(h: dict[str, Any]) -> str:
+    """What a handler's live line adds to its name: partitioned, singleton."""
+    if h.get("singleton"):
+        return " (singleton)"
+    parts = h.get("partitions")
+    return f" ({parts} partitions)" if parts else ""
+
+
+def changes(before: dict[str, tuple[int, str]], after: dict[str, tuple[int, str]]) -> list[str]:
+    """``send-email v1 live``, ``send-email v2 live (replaces v1)``, ``send-email
+    removed``: what a statement changed among the worker's handlers."""
+    out: list[str] = []
+    for t, (v, shape) in sorted(after.items()):
+        old = before.get(t)
+        if old is None:
+            out.append(f"{t} v{v} live{shape}")
+        elif old[0] != v:
+            out.append(f"{t} v{v} live{shape} (replaces v{old[0]})")
+    out += [f"{t} removed from this worker" for t in sorted(before) if t not in after]
+    return out
+
+
+def indent_for(lines: list[str]) -> str:
+    """The indentation the next line of a block starts with: the last line's, one
+    level (4 spaces) deeper after a line ending in ``:``."""
+    if not lines:
+        return ""
+    last = lines[-1]
+    indent = last[: len(last) - len(last.lstrip())]
+    if last.split("#", 1)[0].rstrip().endswith(":"):
+        indent += "    "
+    return indent
 
 
 @contextlib.contextmanager
@@ -282,6 +354,12 @@ async def run_repl(
                     engine=session.worker.engine,
                     url=session.url,
                     group=f" (group {session.group})" if session.group else "",
+                    embedded=(
+                        "\n  the server is embedded: this REPL started it (export "
+                        f"NATS_URL={session.url} to reach it); it stops when you leave"
+                        if session.server is not None
+                        else ""
+                    ),
                 ),
                 flush=True,
             )

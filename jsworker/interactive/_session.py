@@ -84,6 +84,30 @@ class RecentOutcome:
     at: float = field(default_factory=time.time)
 
 
+class Events(list[dict[str, Any]]):
+    """The events :meth:`Session.tail` followed: a list of event dicts. Echoed at a
+    prompt or as a cell's value it is one line (the events were printed as they came),
+    not the raw list again."""
+
+    run_id: str | None = None
+
+    def __repr__(self) -> str:
+        kinds = collections.Counter(str(e.get("type", "?")) for e in self)
+        what = ", ".join(f"{k} {v}" for k, v in kinds.most_common())
+        of = f" of {self.run_id}" if self.run_id else ""
+        n = len(self)
+        return (
+            f"<{n} event{'' if n == 1 else 's'}{of}"
+            + (f": {what} (a list of dicts; _[0] is the first)" if what else "")
+            + ">"
+        )
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<code>{html.escape(repr(self))}</code>"
+
+
 class Session:
     """A connection plus a live worker, for a person at a prompt or in a notebook.
 
@@ -253,15 +277,16 @@ class Session:
         seconds: float = 10.0,
         count: int | None = None,
         echo: Callable[[dict[str, Any]], None] | None = print_event,
-    ) -> list[dict[str, Any]]:
-        """Follow lifecycle events and return them.
+    ) -> Events:
+        """Follow lifecycle events and return them (an :class:`Events` list, shown as a
+        one-line summary: each event was already printed as it came).
 
         ``target``: a :class:`TaskHandle` or run id (that run's events from its first
         one; stops at its outcome), or ``None`` for every run's live events. Stops after
         ``seconds`` of waiting or ``count`` events; each event is passed to ``echo``
         (printed as one line by default; ``None`` to stay quiet)."""
         self._check_open()
-        got: list[dict[str, Any]] = []
+        got = Events()
         if isinstance(target, TaskHandle):
             run_id: str | None = target.run_id
         else:
@@ -297,6 +322,7 @@ class Session:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
+        got.run_id = run_id
         if run_id is not None:
             await follow()
         else:
