@@ -481,9 +481,7 @@ async def _connect(url: str) -> NATS:
             error_cb=quiet,
         )
     except (nats.errors.NoServersError, OSError, TimeoutError):
-        raise ServerError(
-            unreachable(url, servers, HINT)
-        ) from None
+        raise ServerError(unreachable(url, servers, HINT)) from None
     # reconnect for good once the first connection worked (as `jsworker serve` does)
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
