@@ -412,7 +412,7 @@ def test_every_command_has_examples_in_its_help() -> None:
     [
         (["kv", "setup", "--check", "--dry-run"], "exclusive"),
         (["kv", "setup", "--replicas", "9"], "--replicas"),
-        (["dev"], "exactly one of --demo or --app"),
+        (["dev", "--demo", "--app", "x:y"], "give one of --demo or --app MODULE:ATTR, not both"),
         (["dev", "--app", "x:y", "--exit-after-demo"], "--exit-after-demo needs --demo"),
         (["task", "submit", "t", "{}", "-m", "novalue"], "is not key=value"),
         (["--creds", "/nonexistent.creds", "workers"], "does not exist"),
