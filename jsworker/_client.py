@@ -6,8 +6,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import time
-import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,7 +23,6 @@ from . import _wire as w
 from ._aio import raise_if_cancelling
 from ._errors import (
     ConfigError,
-    JSWorkerError,
     NotProvisionedError,
     PayloadError,
     ServerError,
@@ -63,41 +60,13 @@ class TaskRequest:
     last_step: bool = False
 
 
-#: seconds a "does a worker serve this type?" check is reused for the same task type and
-#: group (a hot submit loop checks once per this many seconds, not once per task)
-LISTENING_TTL = 5.0
-#: seconds that check may take (it runs alongside the first publish); one that fails or
-#: takes longer (e.g. a submit-only user may not list consumers) is not tried again by
-#: this client for :data:`LISTENING_GIVE_UP` seconds, and warns of nothing
-LISTENING_TIMEOUT = 2.0
-LISTENING_GIVE_UP = 3600.0
-
-
-class NoWorkerWarning(UserWarning):
-    """:meth:`Client.submit` stored a task that no live worker serves: no consumer of
-    ``TASK_QUEUES`` whose filter covers its subject has a pull request waiting (or a
-    recent delivery), and no live worker in the directory lists its type (and group).
-    The task is not lost: it waits in ``TASK_QUEUES`` until such a worker starts."""
-
-
-def no_worker_message(subject: str) -> str:
-    """The warning for a task on ``subject`` that nobody serves (as `jsworker dead
-    replay` says it)."""
-    return (
-        f"no worker is listening for {subject.rsplit('.', 1)[0]}: the task waits in "
-        f"{n.TASK_STREAM} until one starts (`jsworker workers` lists the live ones)"
-    )
-
-
 #: seconds without an event after which a follow (run_events without a timeout, so
 #: wait_outcome too) checks that its consumer still exists
 OUTCOME_CHECK = 5.0
 
 
 class TaskHandle:
-    """A submitted task. ``duplicate`` is True when the server had already seen its id.
-    ``listening``: whether a live worker served the task's subject when it was submitted
-    (False: see :class:`NoWorkerWarning`; None: not checked, e.g. a sticky task)."""
+    """A submitted task. ``duplicate`` is True when the server had already seen its id."""
 
     def __init__(
         self,
@@ -110,7 +79,6 @@ class TaskHandle:
         duplicate: bool,
         sequence: int,
         chunk_sub: Subscription | None = None,
-        listening: bool | None = None,
     ) -> None:
         self.client = client
         self.task_type = task_type
@@ -121,7 +89,6 @@ class TaskHandle:
         self.duplicate = duplicate
         self.sequence = sequence
         self._chunk_sub = chunk_sub
-        self.listening = listening
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.task_type!r}, run_id={self.run_id!r}, step_id={self.step_id!r})"
@@ -203,17 +170,10 @@ class Client:
     (within the stream's 10 min duplicate window).
     """
 
-    def __init__(
-        self, nc: NATS, *, telemetry: Telemetry | None = None, warn_no_worker: bool = False
-    ) -> None:
+    def __init__(self, nc: NATS, *, telemetry: Telemetry | None = None) -> None:
         """``telemetry``: with a tracer provider, every submit is a PRODUCER span whose
         context the task carries, so the worker's span is its child (default: off; an
-        active span of your own is still propagated).
-
-        ``warn_no_worker=True``: ``submit`` / ``submit_many`` issue a
-        :class:`NoWorkerWarning` for a task no live worker serves. Either way
-        ``handle.listening`` says it (the check is cached per task type and group for
-        :data:`LISTENING_TTL` seconds); the CLI and the interactive session print it."""
+        active span of your own is still propagated)."""
         if nc is None or not hasattr(nc, "jetstream"):
             raise ConfigError(f"Client needs a NATS client (nc), got {type(nc).__name__}")
         if telemetry is not None and not isinstance(telemetry, Telemetry):
@@ -227,38 +187,6 @@ class Client:
         self.pubacks = shared_pubacks(nc)
         self.telemetry = telemetry or Telemetry()
         self._bindings: KeyValue | None = None
-        self.warn_no_worker = warn_no_worker
-        #: (task type, group) -> (monotonic expiry, served?) of the listening check
-        self._served: dict[tuple[str, str | None], tuple[float, bool | None]] = {}
-
-    def _served_cached(self, task_type: str, group: str | None) -> tuple[bool, bool | None]:
-        hit = self._served.get((task_type, group))
-        if hit is not None and hit[0] > time.monotonic():
-            return True, hit[1]
-        return False, None
-
-    async def _check_served(self, subject: str, task_type: str, group: str | None) -> bool | None:
-        """Does a live worker serve ``subject`` (see :class:`NoWorkerWarning`)? None when
-        that cannot be told (no permission to list consumers, a slow server)."""
-        from ._dead import _listening
-
-        found, value = self._served_cached(task_type, group)
-        if found:
-            return value
-        try:
-            served: bool | None = await asyncio.wait_for(
-                _listening(self.nc, subject, task_type, group), LISTENING_TIMEOUT
-            )
-            ttl = LISTENING_TTL
-        except (TimeoutError, nats.errors.Error, JSWorkerError):
-            raise_if_cancelling()
-            served, ttl = None, LISTENING_GIVE_UP
-        self._served[(task_type, group)] = (time.monotonic() + ttl, served)
-        return served
-
-    def _warn_unserved(self, subject: str, stacklevel: int) -> None:
-        if self.warn_no_worker:
-            warnings.warn(no_worker_message(subject), NoWorkerWarning, stacklevel=stacklevel + 1)
 
     async def _sticky_route(
         self, task_type: str, run_id: str, mode: str | None, last: bool, subject: str
@@ -387,10 +315,9 @@ class Client:
             if span is not None:
                 Telemetry.end_producer(span, error=e)
             raise
-        if span is not None:
-            Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
-        if handle.listening is False:
-            self._warn_unserved(handle.subject, stacklevel=2)
+        if span is None:
+            return handle
+        Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
         return handle
 
     async def _submit(
@@ -424,24 +351,11 @@ class Client:
         chunk_sub = None
         if stream:
             chunk_sub = await self.nc.subscribe(n.stream_subject(run_id, step_id))
-        # is the task served? cached per type and group; a miss is looked up alongside
-        # the publish (sticky tasks go to one worker's subject: not checked)
-        listening: bool | None = None
-        check: asyncio.Future[bool | None] | None = None
-        if sticky is None:
-            found, listening = self._served_cached(task_type, group)
-            if not found:
-                check = asyncio.ensure_future(self._check_served(subject, task_type, group))
         try:
             ack = await self.pubacks.request(
                 subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0", **extra}
             )
-            if check is not None:
-                listening = await check
         except BaseException as e:
-            if check is not None and not check.done():
-                check.cancel()
-                check.add_done_callback(_consume)
             if chunk_sub is not None:
                 with contextlib.suppress(Exception):
                     await chunk_sub.unsubscribe()
@@ -463,7 +377,6 @@ class Client:
             bool(ack.duplicate),
             ack.seq,
             chunk_sub,
-            listening,
         )
 
     async def _publish(self, subject: str, body: bytes, msg_id: str) -> PubAck:
@@ -519,14 +432,6 @@ class Client:
             for t, b, _ in built
         ]
 
-        # is each (type, group) served? one cached check each, not one per task
-        served: dict[tuple[str, str | None], bool | None] = {}
-        for t, b, _ in built:
-            if t.sticky is None and (t.task_type, t.group) not in served:
-                served[(t.task_type, t.group)] = await self._check_served(
-                    b[0], t.task_type, t.group
-                )
-
         async def settle_oldest() -> None:
             t, (_, _, run_id, step_id, task_id), span = built[len(handles)]
             subject = routes[len(handles)][0]
@@ -542,15 +447,7 @@ class Client:
                 Telemetry.end_producer(span, run_id=run_id, subject=subject)
             handles.append(
                 TaskHandle(
-                    self,
-                    t.task_type,
-                    run_id,
-                    step_id,
-                    task_id,
-                    subject,
-                    ack.duplicate,
-                    ack.seq,
-                    listening=served.get((t.task_type, t.group)) if t.sticky is None else None,
+                    self, t.task_type, run_id, step_id, task_id, subject, ack.duplicate, ack.seq
                 )
             )
 
@@ -573,11 +470,6 @@ class Client:
                 if span is not None:
                     Telemetry.end_producer(span, error=e)
             raise
-        warned: set[tuple[str, str | None]] = set()
-        for h, t in zip(handles, (t for t, _, _ in built), strict=True):
-            if h.listening is False and (t.task_type, t.group) not in warned:
-                warned.add((t.task_type, t.group))
-                self._warn_unserved(h.subject, stacklevel=2)
         return handles
 
     async def run_events(

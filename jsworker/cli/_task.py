@@ -15,7 +15,7 @@ from rich.text import Text
 
 from .. import _names as n
 from .. import _wire as w
-from .._client import Client, TaskRequest, no_worker_message
+from .._client import Client, TaskRequest
 from .._errors import TaskFailed, TaskTimeout
 from .._services import CHUNK_SEQ
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
@@ -124,8 +124,7 @@ def submit(
         return
 
     async def go(nc: NATS) -> dict[str, Any]:
-        client = Client(nc, telemetry=telemetry, warn_no_worker=False)
-        h = await client.submit(
+        h = await Client(nc, telemetry=telemetry).submit(
             task_type,
             value,
             group=group,
@@ -143,13 +142,8 @@ def submit(
             "subject": h.subject,
             "duplicate": h.duplicate,
             "sequence": h.sequence,
-            "listening": h.listening,
         }
-        if h.listening is False:
-            # a warning, not an error: a worker may start later and run it
-            err(f"Warning: {no_worker_message(h.subject)}", style="yellow")
         if wait:
-            retries = asyncio.ensure_future(_print_retries(client, h.run_id, h.step_id))
             try:
                 out["output"] = await h.result(timeout=timeout)
                 out["status"] = "completed"
@@ -157,10 +151,6 @@ def submit(
                 out.update(status="failed", kind=e.kind, error=e.error)
             except TaskTimeout as e:
                 out.update(status="timeout", error=str(e))
-            finally:
-                retries.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await retries
         return out
 
     # a producer span per submit when OTEL_* or --otel-console ask for it
@@ -183,27 +173,6 @@ def submit(
         sys.exit(1)
 
 
-async def _print_retries(client: Client, run_id: str, step_id: str) -> None:
-    """While ``--wait`` waits: one stderr line per retriable failure of the step, as it
-    is recorded (``step.failed`` with kind ``retriable`` / ``retry_after``)."""
-    async for ev in client.run_events(run_id):
-        if not isinstance(ev, dict) or ev.get("step_id") != step_id:
-            continue
-        p = ev.get("payload")
-        p = p if isinstance(p, dict) else {}
-        if ev.get("type") != w.STEP_FAILED or p.get("kind") not in (w.RETRIABLE, w.RETRY_AFTER):
-            continue
-        attempt = p.get("attempt", ev.get("attempt", "?"))
-        ms = p.get("retry_in_ms", p.get("retry_after_ms"))
-        when = f"retrying in {ms / 1000:g} s" if isinstance(ms, int | float) else "retrying"
-        error = str(p.get("error", "")).strip().splitlines()
-        err(
-            f"attempt {attempt} failed ({p['kind']}), {when}"
-            + (f": {error[0][:200]}" if error else ""),
-            style="yellow",
-        )
-
-
 def _submit_count(
     conn: ConnOptions,
     task_type: str,
@@ -218,7 +187,7 @@ def _submit_count(
     stays flat), then one line (or JSON) with the rate."""
 
     async def go(nc: NATS) -> dict[str, Any]:
-        client = Client(nc, warn_no_worker=False)
+        client = Client(nc)
         t0 = time.perf_counter()
         duplicates, first, last = 0, 0, 0
         for start in range(0, count, SUBMIT_CHUNK):
@@ -227,8 +196,6 @@ def _submit_count(
                 for _ in range(min(SUBMIT_CHUNK, count - start))
             ]
             handles = await client.submit_many(reqs, window=1024)
-            if start == 0 and handles[0].listening is False:
-                err(f"Warning: {no_worker_message(handles[0].subject)}", style="yellow")
             duplicates += sum(h.duplicate for h in handles)
             first = first or handles[0].sequence
             last = handles[-1].sequence
