@@ -172,3 +172,45 @@ async def list_workers(nc: NATS) -> list[dict[str, Any]]:
         with contextlib.suppress(ValueError):
             out.append(json.loads(raw))
     return out
+
+
+#: an entry whose ``last_seen`` is older than this is not live (the bucket's TTL, 60 s,
+#: removes it anyway; this also covers a bucket made without a TTL), with 30 s of slack
+#: for clock differences between the worker and the reader
+LIVE_AGE = 90.0
+
+
+def is_live(entry: Any, now: float | None = None, max_age: float = LIVE_AGE) -> bool:
+    """A directory entry counts as a live worker: a JSON object whose ``last_seen``
+    (RFC 3339) is at most ``max_age`` seconds old (an entry without one: live, since
+    the bucket's TTL expires it)."""
+    import time
+    from datetime import UTC, datetime
+
+    if not isinstance(entry, dict):
+        return False
+    stamp = entry.get("last_seen")
+    if not isinstance(stamp, str):
+        return True
+    try:
+        seen = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    if seen.tzinfo is None:
+        seen = seen.replace(tzinfo=UTC)
+    return (now if now is not None else time.time()) - seen.timestamp() <= max_age
+
+
+def serves(entry: Any, task_type: str, group: str | None) -> bool:
+    """Whether a directory entry's worker has a handler for ``task_type`` on ``group``:
+    the type is in its ``task_types``, and it was started with that group (``group``
+    given) or without groups (``group`` None: such a worker takes every task of the
+    type)."""
+    if not isinstance(entry, dict):
+        return False
+    types = entry.get("task_types")
+    if not isinstance(types, list) or task_type not in types:
+        return False
+    groups = entry.get("groups")
+    groups = [g for g in groups if g] if isinstance(groups, list) else []
+    return group in groups if group else not groups

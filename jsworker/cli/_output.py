@@ -185,3 +185,8 @@ def event_text(ev: Any) -> Text:
         t.append(f"on {safe(ev['worker_id'])}  ", style="dim")
     t.append(safe(detail))
     return t
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 member``, ``2 members``, ``0 members`` (``many``: an irregular plural)."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"

@@ -32,11 +32,12 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
+from .._directory import is_live, list_workers, serves
 from .._errors import NotProvisionedError
 from .._pcg_config import ElasticConfig, PartitionConfigError, group_stream
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run, with_nc
-from ._output import console, print_json, safe_text
+from ._output import console, plural, print_json, safe, safe_text
 
 _GROUP_SEP = "__g_"
 _API_TIMEOUT = 5.0
@@ -60,6 +61,10 @@ class QueueRow:
     members: list[str] = field(default_factory=list)
     filter: str = ""
     stream: str = n.TASK_STREAM
+    #: ids of the live workers serving this type and group (:func:`attach_live`)
+    live_workers: list[str] = field(default_factory=list)
+    #: a live worker serves it, or some process has a pull request waiting on it
+    live: bool = False
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -173,9 +178,29 @@ def _consumer_counts(row: QueueRow, c: dict[str, Any]) -> None:
     row.waiting_pulls += int(c.get("num_waiting") or 0)
 
 
-async def queue_report(nc: NATS, *, with_age: bool = True) -> list[QueueRow]:
+def attach_live(rows: list[QueueRow], workers: list[Any], now: float | None = None) -> None:
+    """Fill ``live_workers`` and ``live`` of every row.
+
+    A *live worker* of a type and group is an entry in the worker directory (KV
+    ``workers``) that is fresh (:func:`jsworker._directory.is_live`) and whose handlers
+    include the type on that group (:func:`jsworker._directory.serves`). A row is
+    ``live`` when it has a live worker or a pull request waiting on its consumers (a
+    process pulling that is not in the directory, e.g. another language's worker). A
+    consumer alone proves nothing: durable consumers outlive the workers that made them."""
+    entries = [e for e in workers if is_live(e, now)]
+    for r in rows:
+        r.live_workers = sorted(
+            str(e.get("worker_id", "")) for e in entries if serves(e, r.task_type, r.group)
+        )
+        r.live = bool(r.live_workers) or r.waiting_pulls > 0
+
+
+async def queue_report(
+    nc: NATS, *, with_age: bool = True, workers: list[Any] | None = None
+) -> list[QueueRow]:
     """One :class:`QueueRow` per task type (and group) that has stored tasks, a consumer
-    on ``TASK_QUEUES`` or an elastic group; sorted by type and group."""
+    on ``TASK_QUEUES`` or an elastic group; sorted by type and group. ``workers``: the
+    directory entries (read from KV ``workers`` when not given) for :func:`attach_live`."""
     rows: dict[tuple[str, str | None], QueueRow] = {}
 
     def row(key: tuple[str, str | None]) -> QueueRow:
@@ -248,7 +273,43 @@ async def queue_report(nc: NATS, *, with_age: bool = True) -> list[QueueRow]:
                 r.oldest_age = max(0.0, (now - first).total_seconds())
         if r.partitions is None and r.consumers == [] and r.stored:
             r.queued = r.stored  # nobody consumes it: everything stored waits
-    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1] or ""))]
+    if workers is None:
+        try:
+            workers = await list_workers(nc)
+        except NotProvisionedError:
+            workers = []  # no directory: only waiting pulls show a live worker
+    out = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1] or ""))]
+    attach_live(out, workers)
+    return out
+
+
+def workers_cell(r: QueueRow) -> Text:
+    """The ``workers`` cell: live workers in the directory, ``pulling`` when only a
+    pull request shows one (a worker not in the directory), else ``none``."""
+    if r.live_workers:
+        return Text(str(len(r.live_workers)))
+    if r.live:
+        return Text("pulling")
+    busy = r.queued or r.in_flight or r.consumers or r.partitions is not None
+    return Text("none", style="red" if busy else "dim")
+
+
+def dead_notes(rows: list[QueueRow]) -> list[Text]:
+    """One line per type and group that has consumers or tasks and no live worker."""
+    out = []
+    for r in rows:
+        if r.live or not (r.consumers or r.queued or r.partitions is not None):
+            continue
+        what = safe(r.task_type) + (f" (group {safe(r.group)})" if r.group else "")
+        have = []
+        if r.consumers:
+            have.append(plural(len(r.consumers), "consumer") + " left behind")
+        if r.queued:
+            have.append(plural(r.queued, "task") + " waiting")
+        out.append(
+            Text(f"no live worker for {what}" + (f": {', '.join(have)}" if have else ""), "red")
+        )
+    return out
 
 
 def _age_filter(r: QueueRow) -> str:
@@ -277,7 +338,7 @@ def render(rows: list[QueueRow], title: str) -> Table:
     t = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left")
     t.add_column("type", no_wrap=True)
     t.add_column("group", no_wrap=True)
-    for col in ("queued", "running", "redeliv", "oldest", "consumers", "pulls", "parts"):
+    for col in ("queued", "running", "redeliv", "oldest", "consumers", "workers", "pulls", "parts"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("members", overflow="fold")
     for r in rows:
@@ -290,6 +351,7 @@ def render(rows: list[QueueRow], title: str) -> Table:
             str(r.redelivered),
             fmt_age(r.oldest_age),
             Text(str(len(r.consumers)) if r.consumers else "none", style="red" if nobody else ""),
+            workers_cell(r),
             str(r.waiting_pulls),
             "-" if r.partitions is None else ("?" if r.partitions < 0 else str(r.partitions)),
             safe_text(", ".join(r.members) or "-"),
@@ -306,7 +368,10 @@ def queues(conn: ConnOptions, as_json: bool) -> None:
     their waiting pull requests, partitions and members.
 
     Read from the stream and consumer info, so tasks and workers of any
-    language are counted. A type with tasks and no consumer has no worker.
+    language are counted. `workers` counts live workers: fresh entries of the
+    worker directory whose handlers include the type (and group); `pulling`
+    when only a waiting pull request shows one. A consumer alone is no worker:
+    types with consumers or tasks and no live worker are named below the table.
 
     \b
     Examples:
@@ -321,3 +386,5 @@ def queues(conn: ConnOptions, as_json: bool) -> None:
     took = time.monotonic() - started
     title = f"{len(rows)} queue(s) on {conn.display_url}  ({took * 1000:.0f} ms)"
     console.print(render(rows, title))
+    for note in dead_notes(rows):
+        console.print(note)

@@ -45,7 +45,7 @@ from .._pcg_config import ElasticConfig, PartitionConfigError, assignment
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run
 from ._output import console, print_json, safe, safe_text
-from ._queues import QueueRow, fmt_age, queue_report
+from ._queues import QueueRow, dead_notes, fmt_age, queue_report, workers_cell
 
 #: seconds over which tasks/s are averaged
 RATE_WINDOW = 10.0
@@ -289,9 +289,8 @@ async def partition_maps(nc: NATS) -> dict[str, dict[int, str | None]]:
 
 async def take_snapshot(nc: NATS, stats: HistoryStats) -> Snapshot:
     t0 = time.monotonic()
-    queues, workers, parts = await asyncio.gather(
-        queue_report(nc), list_workers(nc), partition_maps(nc)
-    )
+    workers = await list_workers(nc)
+    queues, parts = await asyncio.gather(queue_report(nc, workers=workers), partition_maps(nc))
     now = time.time()
     return Snapshot(
         now,
@@ -341,6 +340,7 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
     for col in ("done/s", "fail/s", "p50", "p99", "queued", "running", "redeliv", "oldest"):
         types.add_column(col, justify="right", no_wrap=True)
     types.add_column("consumers", justify="right", no_wrap=True)
+    types.add_column("workers", justify="right", no_wrap=True)
     by_type: dict[str, list[QueueRow]] = collections.defaultdict(list)
     for r in snap.queues:
         by_type[r.task_type].append(r)
@@ -363,6 +363,7 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
                 str(len(r.consumers))
                 if r.consumers or r.partitions is not None
                 else Text("none", style="red" if r.queued else "dim"),
+                workers_cell(r),
             )
 
     workers = Table(
@@ -406,7 +407,7 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
             line.append(safe(m or "unassigned"), style="" if m else "red")
             line.append(f": {_ranges(ps)}")
         parts.add_row(safe_text(key), str(len(owners)), line)
-    return Group(head, types, workers, parts)
+    return Group(head, types, *dead_notes(snap.queues), workers, parts)
 
 
 # ------------------------------------------------------------------------ running
