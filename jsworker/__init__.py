@@ -3,7 +3,7 @@
 The public API is what this module exports; everything in ``_modules`` is private.
 """
 
-from ._client import Client, StreamItem, TaskHandle, TaskRequest
+from ._client import Client, NoWorkerWarning, StreamItem, TaskHandle, TaskRequest
 from ._context import Outcome, TaskCancelledError, TaskContext, TaskInfo
 from ._dead import (
     DeadLetter,
@@ -72,6 +72,7 @@ __all__ = [
     "InvalidNameError",
     "JSWorkerError",
     "LifecycleError",
+    "NoWorkerWarning",
     "NotProvisionedError",
     "Outcome",
     "OutcomeAlreadySetError",

@@ -6,7 +6,9 @@ import asyncio
 import collections
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
+import time
+import warnings
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +25,7 @@ from . import _wire as w
 from ._aio import raise_if_cancelling
 from ._errors import (
     ConfigError,
+    JSWorkerError,
     NotProvisionedError,
     PayloadError,
     ServerError,
@@ -60,13 +63,61 @@ class TaskRequest:
     last_step: bool = False
 
 
+#: seconds a "does a worker serve this type?" check is reused for the same task type and
+#: group (a hot submit loop checks once per this many seconds, not once per task)
+LISTENING_TTL = 5.0
+#: seconds that check may take (it runs alongside the first publish); one that fails or
+#: takes longer (e.g. a submit-only user may not list consumers) is not tried again by
+#: this client for :data:`LISTENING_GIVE_UP` seconds, and warns of nothing
+LISTENING_TIMEOUT = 2.0
+LISTENING_GIVE_UP = 3600.0
+
+
+class NoWorkerWarning(UserWarning):
+    """:meth:`Client.submit` stored a task that no live worker serves: no consumer of
+    ``TASK_QUEUES`` whose filter covers its subject has a pull request waiting (or a
+    recent delivery), and no live worker in the directory lists its type (and group).
+    The task is not lost: it waits in ``TASK_QUEUES`` until such a worker starts."""
+
+
+def no_worker_message(subject: str) -> str:
+    """The warning for a task on ``subject`` that nobody serves (as `jsworker dead
+    replay` says it)."""
+    return (
+        f"no worker is listening for {subject.rsplit('.', 1)[0]}: the task waits in "
+        f"{n.TASK_STREAM} until one starts (`jsworker workers` lists the live ones)"
+    )
+
+
+def retry_line(ev: Any, step_id: str) -> str | None:
+    """One line for a retriable failure of step ``step_id`` (``attempt 1 failed
+    (retriable), retrying in 5 s: the error``), or None for any other event (or a
+    foreign body)."""
+    if not isinstance(ev, dict) or ev.get("step_id") != step_id:
+        return None
+    p = ev.get("payload")
+    p = p if isinstance(p, dict) else {}
+    kind = p.get("kind")
+    if ev.get("type") != w.STEP_FAILED or kind not in (w.RETRIABLE, w.RETRY_AFTER):
+        return None
+    attempt = p.get("attempt", ev.get("attempt", "?"))
+    ms = p.get("retry_in_ms", p.get("retry_after_ms"))
+    when = "retrying"
+    if isinstance(ms, int | float) and not isinstance(ms, bool):
+        when = f"retrying in {ms / 1000:g} s"
+    error = str(p.get("error", "")).strip().splitlines()
+    return f"attempt {attempt} failed ({kind}), {when}" + (f": {error[0][:200]}" if error else "")
+
+
 #: seconds without an event after which a follow (run_events without a timeout, so
 #: wait_outcome too) checks that its consumer still exists
 OUTCOME_CHECK = 5.0
 
 
 class TaskHandle:
-    """A submitted task. ``duplicate`` is True when the server had already seen its id."""
+    """A submitted task. ``duplicate`` is True when the server had already seen its id.
+    ``listening``: whether a live worker served the task's subject when it was submitted
+    (False: see :class:`NoWorkerWarning`; None: not checked, e.g. a sticky task)."""
 
     def __init__(
         self,
@@ -79,6 +130,7 @@ class TaskHandle:
         duplicate: bool,
         sequence: int,
         chunk_sub: Subscription | None = None,
+        listening: bool | None = None,
     ) -> None:
         self.client = client
         self.task_type = task_type
@@ -89,9 +141,19 @@ class TaskHandle:
         self.duplicate = duplicate
         self.sequence = sequence
         self._chunk_sub = chunk_sub
+        self.listening = listening
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.task_type!r}, run_id={self.run_id!r}, step_id={self.step_id!r})"
+
+    async def follow_retries(self, emit: Callable[[str], None]) -> None:
+        """Call ``emit`` with one line (:func:`retry_line`) per retriable failure of
+        this task as it is recorded; runs until cancelled (``--wait`` runs it beside
+        :meth:`result`)."""
+        async for ev in self.client.run_events(self.run_id):
+            line = retry_line(ev, self.step_id)
+            if line is not None:
+                emit(line)
 
     async def events(self, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """Every lifecycle event of this task's step, from the start, as dicts."""
@@ -170,10 +232,18 @@ class Client:
     (within the stream's 10 min duplicate window).
     """
 
-    def __init__(self, nc: NATS, *, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, nc: NATS, *, telemetry: Telemetry | None = None, warn_no_worker: bool = True
+    ) -> None:
         """``telemetry``: with a tracer provider, every submit is a PRODUCER span whose
         context the task carries, so the worker's span is its child (default: off; an
-        active span of your own is still propagated)."""
+        active span of your own is still propagated).
+
+        ``warn_no_worker`` (default True): ``submit`` / ``submit_many`` issue a
+        :class:`NoWorkerWarning` (a warning, not an error: a worker may start later)
+        for a task no live worker serves; False keeps quiet. Either way
+        ``handle.listening`` says it (the check is cached per task type and group for
+        :data:`LISTENING_TTL` seconds); the CLI and the interactive session print it."""
         if nc is None or not hasattr(nc, "jetstream"):
             raise ConfigError(f"Client needs a NATS client (nc), got {type(nc).__name__}")
         if telemetry is not None and not isinstance(telemetry, Telemetry):
@@ -187,6 +257,38 @@ class Client:
         self.pubacks = shared_pubacks(nc)
         self.telemetry = telemetry or Telemetry()
         self._bindings: KeyValue | None = None
+        self.warn_no_worker = warn_no_worker
+        #: (task type, group) -> (monotonic expiry, served?) of the listening check
+        self._served: dict[tuple[str, str | None], tuple[float, bool | None]] = {}
+
+    def _served_cached(self, task_type: str, group: str | None) -> tuple[bool, bool | None]:
+        hit = self._served.get((task_type, group))
+        if hit is not None and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
+    async def _check_served(self, subject: str, task_type: str, group: str | None) -> bool | None:
+        """Does a live worker serve ``subject`` (see :class:`NoWorkerWarning`)? None when
+        that cannot be told (no permission to list consumers, a slow server)."""
+        from ._dead import _listening
+
+        found, value = self._served_cached(task_type, group)
+        if found:
+            return value
+        try:
+            served: bool | None = await asyncio.wait_for(
+                _listening(self.nc, subject, task_type, group), LISTENING_TIMEOUT
+            )
+            ttl = LISTENING_TTL
+        except (TimeoutError, nats.errors.Error, JSWorkerError):
+            raise_if_cancelling()
+            served, ttl = None, LISTENING_GIVE_UP
+        self._served[(task_type, group)] = (time.monotonic() + ttl, served)
+        return served
+
+    def _warn_unserved(self, subject: str, stacklevel: int) -> None:
+        if self.warn_no_worker:
+            warnings.warn(no_worker_message(subject), NoWorkerWarning, stacklevel=stacklevel + 1)
 
     async def _sticky_route(
         self, task_type: str, run_id: str, mode: str | None, last: bool, subject: str
@@ -315,9 +417,10 @@ class Client:
             if span is not None:
                 Telemetry.end_producer(span, error=e)
             raise
-        if span is None:
-            return handle
-        Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
+        if span is not None:
+            Telemetry.end_producer(span, run_id=handle.run_id, subject=handle.subject)
+        if handle.listening is False:
+            self._warn_unserved(handle.subject, stacklevel=2)
         return handle
 
     async def _submit(
@@ -351,11 +454,24 @@ class Client:
         chunk_sub = None
         if stream:
             chunk_sub = await self.nc.subscribe(n.stream_subject(run_id, step_id))
+        # is the task served? cached per type and group; a miss is looked up alongside
+        # the publish (sticky tasks go to one worker's subject: not checked)
+        listening: bool | None = None
+        check: asyncio.Future[bool | None] | None = None
+        if sticky is None:
+            found, listening = self._served_cached(task_type, group)
+            if not found:
+                check = asyncio.ensure_future(self._check_served(subject, task_type, group))
         try:
             ack = await self.pubacks.request(
                 subject, body, headers={"Nats-Msg-Id": f"{run_id}.{step_id}.0", **extra}
             )
+            if check is not None:
+                listening = await check
         except BaseException as e:
+            if check is not None and not check.done():
+                check.cancel()
+                check.add_done_callback(_consume)
             if chunk_sub is not None:
                 with contextlib.suppress(Exception):
                     await chunk_sub.unsubscribe()
@@ -377,6 +493,7 @@ class Client:
             bool(ack.duplicate),
             ack.seq,
             chunk_sub,
+            listening,
         )
 
     async def _publish(self, subject: str, body: bytes, msg_id: str) -> PubAck:
@@ -432,6 +549,14 @@ class Client:
             for t, b, _ in built
         ]
 
+        # is each (type, group) served? one cached check each, not one per task
+        served: dict[tuple[str, str | None], bool | None] = {}
+        for t, b, _ in built:
+            if t.sticky is None and (t.task_type, t.group) not in served:
+                served[(t.task_type, t.group)] = await self._check_served(
+                    b[0], t.task_type, t.group
+                )
+
         async def settle_oldest() -> None:
             t, (_, _, run_id, step_id, task_id), span = built[len(handles)]
             subject = routes[len(handles)][0]
@@ -447,7 +572,15 @@ class Client:
                 Telemetry.end_producer(span, run_id=run_id, subject=subject)
             handles.append(
                 TaskHandle(
-                    self, t.task_type, run_id, step_id, task_id, subject, ack.duplicate, ack.seq
+                    self,
+                    t.task_type,
+                    run_id,
+                    step_id,
+                    task_id,
+                    subject,
+                    ack.duplicate,
+                    ack.seq,
+                    listening=served.get((t.task_type, t.group)) if t.sticky is None else None,
                 )
             )
 
@@ -470,6 +603,11 @@ class Client:
                 if span is not None:
                     Telemetry.end_producer(span, error=e)
             raise
+        warned: set[tuple[str, str | None]] = set()
+        for h, t in zip(handles, (t for t, _, _ in built), strict=True):
+            if h.listening is False and (t.task_type, t.group) not in warned:
+                warned.add((t.task_type, t.group))
+                self._warn_unserved(h.subject, stacklevel=2)
         return handles
 
     async def run_events(

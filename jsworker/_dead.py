@@ -365,19 +365,35 @@ def _task_key(dl: DeadLetter) -> str | None:
     return None if last == dl.run_id else last
 
 
+#: a consumer that delivered a task this recently (seconds) counts as served: its worker
+#: may be busy with it, its pull request used up
+RECENT_DELIVERY = 10.0
+
+
 async def _listening(nc: NATS, task_subject: str, task_type: str, group: str | None) -> bool:
     """Does a live worker serve this subject? A consumer whose filter covers it with a
-    waiting pull request (every idle worker keeps one open), or a live worker in the
-    directory that lists the type (a busy one may have no pull waiting)."""
+    waiting pull request (every idle worker keeps one open) or a delivery in the last
+    :data:`RECENT_DELIVERY` seconds, or a live worker in the directory that lists the
+    type (a busy one may have no pull waiting). A consumer alone (a durable left by a
+    stopped worker) is not a worker."""
     from ._directory import list_workers
     from ._provision import _covers
 
     js = nc.jetstream()
+    now = datetime.now(UTC)
     with contextlib.suppress(nats.js.errors.NotFoundError):
         for ci in await js.consumers_info(n.TASK_STREAM):
             filters = [ci.config.filter_subject or "", *(ci.config.filter_subjects or [])]
-            if (ci.num_waiting or 0) > 0 and any(f and _covers(f, task_subject) for f in filters):
+            if not any(f and _covers(f, task_subject) for f in filters):
+                continue
+            if (ci.num_waiting or 0) > 0:
                 return True
+            last = ci.delivered.last_active if ci.delivered is not None else None
+            if last is not None:
+                if last.tzinfo is None:
+                    last = last.replace(tzinfo=UTC)
+                if (now - last).total_seconds() < RECENT_DELIVERY:
+                    return True
     with contextlib.suppress(JSWorkerError, nats.errors.Error):
         for entry in await list_workers(nc):
             if task_type not in (entry.get("task_types") or []):

@@ -166,3 +166,28 @@ async def test_live_outside_a_kernel_is_a_clear_error(session: Session) -> None:
 
     with pytest.raises(jsworker.LifecycleError, match="live needs a notebook kernel"):
         await live(session)
+
+
+async def test_submit_warns_of_no_worker_and_wait_prints_each_retry(
+    session: Session, unique: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    nobody = unique("nobody")
+    h = await session.submit(nobody, {})
+    assert h.listening is False
+    assert f"Warning: no worker is listening for task.{nobody}" in capsys.readouterr().out
+    await session.nc.jetstream().purge_stream("TASK_QUEUES", subject=f"task.{nobody}.>")
+
+    t = unique("flaky")
+
+    def flaky(ctx: jsworker.TaskContext) -> str:
+        if ctx.info.attempt < 3:
+            raise RuntimeError(f"flake {ctx.info.attempt}")
+        return "ok"
+
+    session.handle(t, flaky, retry=jsworker.RetryPolicy.fixed(0.2, max_attempts=3))
+    await session.sync()
+    assert await session.submit(t, {}, wait=20) == "ok"
+    out = capsys.readouterr().out
+    assert "no worker is listening" not in out
+    assert "attempt 1 failed (retriable), retrying in 0.2 s: RuntimeError: flake 1" in out, out
+    assert "attempt 2 failed (retriable), retrying in 0.2 s" in out, out

@@ -200,7 +200,7 @@ async def run_demo(
     the stop, when it stopped first), not how long the process then idled."""
     board = DemoBoard(tasks)
     sub = await nc.subscribe("history.>", cb=board.on_event)
-    client = Client(nc, telemetry=telemetry)
+    client = Client(nc, telemetry=telemetry, warn_no_worker=False)
     worker = demo_worker(nc)
     if telemetry is not None:
         worker.telemetry.enable(telemetry.tracer_provider, telemetry.meter_provider)

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from .. import _names as n
 from .. import _wire as w
-from .._client import Client, TaskRequest
+from .._client import Client, TaskRequest, no_worker_message
 from .._errors import TaskFailed, TaskTimeout
 from .._services import CHUNK_SEQ
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
@@ -124,7 +124,8 @@ def submit(
         return
 
     async def go(nc: NATS) -> dict[str, Any]:
-        h = await Client(nc, telemetry=telemetry).submit(
+        client = Client(nc, telemetry=telemetry, warn_no_worker=False)
+        h = await client.submit(
             task_type,
             value,
             group=group,
@@ -142,8 +143,15 @@ def submit(
             "subject": h.subject,
             "duplicate": h.duplicate,
             "sequence": h.sequence,
+            "listening": h.listening,
         }
+        if h.listening is False:
+            # a warning, not an error: a worker may start later and run it
+            err(f"Warning: {no_worker_message(h.subject)}", style="yellow")
         if wait:
+            retries = asyncio.ensure_future(
+                h.follow_retries(lambda line: err(line, style="yellow"))
+            )
             try:
                 out["output"] = await h.result(timeout=timeout)
                 out["status"] = "completed"
@@ -151,6 +159,10 @@ def submit(
                 out.update(status="failed", kind=e.kind, error=e.error)
             except TaskTimeout as e:
                 out.update(status="timeout", error=str(e))
+            finally:
+                retries.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await retries
         return out
 
     # a producer span per submit when OTEL_* or --otel-console ask for it
@@ -187,7 +199,7 @@ def _submit_count(
     stays flat), then one line (or JSON) with the rate."""
 
     async def go(nc: NATS) -> dict[str, Any]:
-        client = Client(nc)
+        client = Client(nc, warn_no_worker=False)
         t0 = time.perf_counter()
         duplicates, first, last = 0, 0, 0
         for start in range(0, count, SUBMIT_CHUNK):
@@ -196,6 +208,8 @@ def _submit_count(
                 for _ in range(min(SUBMIT_CHUNK, count - start))
             ]
             handles = await client.submit_many(reqs, window=1024)
+            if start == 0 and handles[0].listening is False:
+                err(f"Warning: {no_worker_message(handles[0].subject)}", style="yellow")
             duplicates += sum(h.duplicate for h in handles)
             first = first or handles[0].sequence
             last = handles[-1].sequence

@@ -31,7 +31,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from .. import _names as n
-from .._client import Client, TaskHandle
+from .._client import Client, TaskHandle, no_worker_message
 from .._context import TaskContext
 from .._errors import ConfigError, JSWorkerError, LifecycleError, ServerError
 from .._netcheck import HINT, scheme_problem, unreachable
@@ -127,7 +127,8 @@ class Session:
     ) -> None:
         self.nc = nc
         self.worker = worker
-        self.client = Client(nc)
+        #: no Python warning: submit prints the no-worker warning as a line itself
+        self.client = Client(nc, warn_no_worker=False)
         self.url = url
         self.group = group
         self.server = server
@@ -265,10 +266,19 @@ class Session:
         h = await self.client.submit(
             task_type, input, key=key, group=group if group is not None else self.group, **kw
         )
+        if h.listening is False:
+            print(f"Warning: {no_worker_message(h.subject)}")
         if wait is False:
             return h
         timeout = 30.0 if wait is True else float(wait)
-        return await h.result(timeout=timeout)
+        # each retry is printed as it happens, not only the final outcome
+        retries = asyncio.ensure_future(h.follow_retries(print))
+        try:
+            return await h.result(timeout=timeout)
+        finally:
+            retries.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await retries
 
     async def tail(
         self,
