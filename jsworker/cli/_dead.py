@@ -8,15 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from nats.aio.client import Client as NATS
-from rich import box
 from rich.json import JSON
-from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
 from .._dead import DeadLetter, ReplayResult, get_dead, list_dead, purge_dead, replay_dead
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
-from ._output import CLIError, compact, console, print_json, safe, safe_text
+from ._output import CLIError, compact, console, make_table, print_json, safe, safe_text
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -158,7 +156,7 @@ def dead_list(
         print_json([d.as_dict() for d in dls])
         return
     what = f"{len(dls)} dead letter(s)" + (f" of {task_type}" if task_type else "")
-    table = Table(title=Text(what), box=box.SIMPLE_HEAD, title_justify="left")
+    table = make_table(Text(what))
     table.add_column("seq", justify="right", no_wrap=True)
     table.add_column("type", no_wrap=True)
     table.add_column("run", no_wrap=True)

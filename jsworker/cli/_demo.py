@@ -16,7 +16,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from rich.console import Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
@@ -26,7 +25,7 @@ from .._context import TaskContext
 from .._retry import RetryPolicy
 from .._telemetry import Telemetry
 from .._worker import Worker
-from ._output import EVENT_STYLE, compact, console
+from ._output import EVENT_STYLE, compact, console, make_table
 from ._serve import ShutdownSignals
 
 DEMO_TYPES = ("resize-image", "send-email", "charge-card", "build-report")
@@ -156,7 +155,7 @@ class DemoBoard:
             self.all_done.set()
 
     def render(self) -> Group:
-        table = Table(title="jsworker demo", title_justify="left")
+        table = make_table("jsworker demo")
         table.add_column("task type")
         for col in ("submitted", "completed", "retried", "dead"):
             table.add_column(col, justify="right")

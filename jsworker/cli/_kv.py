@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.table import Table
 from rich.text import Text
 
 from .._provision import OPTIONAL_BUCKETS, Mode, ProvisionResult, setup_all
 from ._connect import ConnOptions, pass_conn, run, with_nc
-from ._output import STATUS_STYLE, console, print_json
+from ._output import STATUS_STYLE, console, make_table, print_json
 
 FAILING = ("missing", "drifted")
 
@@ -90,8 +89,8 @@ def setup(
     if as_json:
         print_json([r.as_dict() for r in results])
     else:
-        table = Table(
-            title=Text(f"jsworker kv setup ({mode.replace('_', '-')}) on {conn.display_url}")
+        table = make_table(
+            Text(f"jsworker kv setup ({mode.replace('_', '-')}) on {conn.display_url}")
         )
         for col in ("kind", "name", "status", "details"):
             table.add_column(col)

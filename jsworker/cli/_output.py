@@ -25,8 +25,10 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.segment import Segment
+from rich.table import Table
 from rich.text import Text
 
 from .._redact import REDACTED
@@ -190,3 +192,28 @@ def event_text(ev: Any) -> Text:
 def plural(count: int, word: str, many: str | None = None) -> str:
     """``1 member``, ``2 members``, ``0 members`` (``many``: an irregular plural)."""
     return f"{count} {word if count == 1 else (many or word + 's')}"
+
+
+def make_table(title: str | Text, **kw: Any) -> Table:
+    """A table in the one style every command uses: a rule under the header, no box, the
+    title on the left (wire strings in ``title`` go through :func:`safe_text` first)."""
+    kw.setdefault("box", box.SIMPLE_HEAD)
+    kw.setdefault("title_justify", "left")
+    return Table(title=title, **kw)
+
+
+def event_time(ev: dict[str, Any]) -> float | None:
+    """An event's ``timestamp`` (RFC 3339) as epoch seconds; None when missing or not
+    a time (from the wire: anything)."""
+    from datetime import UTC, datetime
+
+    stamp = ev.get("timestamp")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        t = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return t.timestamp()

@@ -12,8 +12,8 @@ from typing import Any
 import click
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from rich.console import Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
@@ -31,7 +31,7 @@ from .._pcg_config import (
 )
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run, with_nc
-from ._output import CLIError, console, print_json, safe_text
+from ._output import CLIError, console, make_table, plural, print_json, safe_text
 
 
 async def _kv(nc: NATS) -> Any:
@@ -109,11 +109,20 @@ async def group_view(nc: NATS, cg: str, stream: str = n.TASK_STREAM) -> dict[str
     }
 
 
-def _render(view: dict[str, Any]) -> Table:
-    t = Table(  # names come from the KV entry: plain text, control characters escaped
-        title=safe_text(
-            f"{view['group']}  ({view['max_members']} partitions, "
-            f"{len(view['members']) or len(view['member_mappings'])} members, "
+#: the caption under ``show`` and ``watch``: what the columns mean
+PARTITION_COLUMNS = (
+    "consuming: the member's consumer on the group's stream exists; pinned: the server has "
+    "pinned one client to it (priority policy pinned_client: only that client gets the "
+    "partition's tasks; it pins at the first delivery, so an idle member shows no); "
+    "pending: tasks stored for the partition"
+)
+
+
+def _render(view: dict[str, Any]) -> Group:
+    t = make_table(  # names come from the KV entry: plain text, control characters escaped
+        safe_text(
+            f"{view['group']}  ({plural(view['max_members'], 'partition')}, "
+            f"{plural(len(view['members']) or len(view['member_mappings']), 'member')}, "
             f"revision {view['revision']})"
         )
     )
@@ -127,7 +136,7 @@ def _render(view: dict[str, Any]) -> Table:
             "yes" if p["pinned"] else "no",
             str(p["pending"]),
         )
-    return t
+    return Group(t, Text(PARTITION_COLUMNS, style="dim"))
 
 
 @click.group("partitions")
@@ -175,7 +184,7 @@ def list_groups(conn: ConnOptions, as_json: bool) -> None:
     if as_json:
         print_json(groups)
         return
-    t = Table(title=Text(f"{len(groups)} elastic group(s)"))
+    t = make_table(Text(f"{len(groups)} elastic group(s)"))
     for col in ("group", "partitions", "members", "filters"):
         t.add_column(col)
     for g in groups:

@@ -27,7 +27,6 @@ import click
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -37,7 +36,7 @@ from .._errors import NotProvisionedError
 from .._pcg_config import ElasticConfig, PartitionConfigError, group_stream
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run, with_nc
-from ._output import console, plural, print_json, safe, safe_text
+from ._output import console, make_table, plural, print_json, safe, safe_text
 
 _GROUP_SEP = "__g_"
 _API_TIMEOUT = 5.0
@@ -335,7 +334,7 @@ def fmt_age(s: float | None) -> str:
 
 
 def render(rows: list[QueueRow], title: str) -> Table:
-    t = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left")
+    t = make_table(Text(title))
     t.add_column("type", no_wrap=True)
     t.add_column("group", no_wrap=True)
     for col in ("queued", "running", "redeliv", "oldest", "consumers", "workers", "pulls", "parts"):

@@ -9,13 +9,12 @@ from typing import Any
 
 import click
 from nats.aio.client import Client as NATS
-from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
 from .._ratelimit import GLOBAL_KEY, list_buckets, reset_buckets
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
-from ._output import console, err, print_json, safe_text
+from ._output import console, err, make_table, print_json, safe_text
 
 
 @click.group("ratelimit")
@@ -61,7 +60,7 @@ def show(conn: ConnOptions, task_type: str, as_json: bool) -> None:
     if not buckets:
         err(f"no rate-limit buckets for {task_type}", style="yellow")
         return
-    table = Table(title=Text(f"rate-limit buckets of {task_type}"))
+    table = make_table(Text(f"rate-limit buckets of {task_type}"))
     table.add_column("key", no_wrap=True)
     for col in ("tokens", "limit", "per (s)", "rate (/s)"):
         table.add_column(col, justify="right")

@@ -6,13 +6,12 @@ from typing import Any
 
 import click
 from nats.aio.client import Client as NATS
-from rich.table import Table
 from rich.text import Text
 
 from .._client import Client
 from ._connect import ConnOptions, pass_conn, run, with_nc
 from ._input import read_json_arg
-from ._output import compact, console, print_json
+from ._output import compact, console, make_table, print_json
 
 
 @click.group("signal")
@@ -78,7 +77,12 @@ def list_(conn: ConnOptions, run_id: str, as_json: bool) -> None:
     if as_json:
         print_json(signals)
         return
-    table = Table(title=Text(f"{len(signals)} signal(s) of run {run_id}"))
+    if not signals:
+        console.print(
+            Text(f"no signals for run {run_id} (`jsworker signal send {run_id} NAME` sends one)")
+        )
+        return
+    table = make_table(Text(f"{len(signals)} signal(s) of run {run_id}"))
     table.add_column("name")
     table.add_column("data")
     for k, v in sorted(signals.items()):

@@ -21,7 +21,16 @@ from .._services import CHUNK_SEQ
 from ._connect import ConnOptions, library_errors, pass_conn, run, with_nc
 from ._input import parse_metadata, read_json_arg
 from ._otel import otel_console_option, otel_session
-from ._output import compact, console, err, event_text, print_json, print_json_line, safe
+from ._output import (
+    compact,
+    console,
+    err,
+    event_text,
+    event_time,
+    print_json,
+    print_json_line,
+    safe,
+)
 
 #: tasks per ``submit_many`` call of ``submit --count``
 SUBMIT_CHUNK = 10_000
@@ -292,6 +301,8 @@ def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
             queue.put_nowait(msg)
 
         sub = await nc.subscribe(f"stream.{run_id}.>", cb=on_chunk)
+        since = time.time()  # partial results are not kept: only those from now on
+        told = False
 
         async def follow() -> None:
             try:
@@ -319,6 +330,14 @@ def watch(conn: ConnOptions, run_id: str, timeout: float | None) -> None:
                     if not isinstance(item, dict):
                         continue
                     et = item.get("type")
+                    started = event_time(item) if et == w.STEP_STARTED else None
+                    if not told and started is not None and started < since:
+                        told = True  # the run was under way before this watch began
+                        err(
+                            "the run started before this watch: partial results it sent "
+                            "before now are not kept; showing them from now on",
+                            style="dim",
+                        )
                     payload = item.get("payload")
                     kind = payload.get("kind") if isinstance(payload, dict) else None
                     kind = kind if isinstance(kind, str) else None  # unhashable from the wire
@@ -357,8 +376,20 @@ def cancel(conn: ConnOptions, run_id: str, reason: str) -> None:
     with library_errors():
         n.validate_token(run_id, "run id")
 
-    async def go(nc: NATS) -> None:
-        await Client(nc).cancel(run_id, reason)
+    async def go(nc: NATS) -> int:
+        client = Client(nc)
+        seen = 0
+        async for _ in client.run_events(run_id, timeout=0.5):
+            seen += 1
+        await client.cancel(run_id, reason)
+        return seen
 
-    run(with_nc(conn, go))
+    if run(with_nc(conn, go)) == 0:
+        # a queued task has no events yet, so the cancel stays recorded for it
+        err(
+            f"no run {run_id} is known (no events recorded; a typo? `jsworker task events "
+            f"{run_id}`): the cancel is recorded anyway, so a task of that run still "
+            "queued will not start",
+            style="yellow",
+        )
     console.print(Text(f"cancel requested for run {run_id}"))

@@ -31,10 +31,8 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from rich import box
 from rich.console import Group, RenderableType
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
@@ -44,26 +42,13 @@ from .._errors import JSWorkerError, NotProvisionedError
 from .._pcg_config import ElasticConfig, PartitionConfigError, assignment
 from .._services import kv_snapshot
 from ._connect import ConnOptions, pass_conn, run
-from ._output import console, print_json, safe, safe_text
+from ._output import console, event_time, make_table, print_json, safe, safe_text
 from ._queues import QueueRow, dead_notes, fmt_age, queue_report, workers_cell
 
 #: seconds over which tasks/s are averaged
 RATE_WINDOW = 10.0
 #: at most this many step.started events wait for their outcome (oldest dropped first)
 MAX_OPEN_STARTS = 200_000
-
-
-def _event_time(ev: dict[str, Any]) -> float | None:
-    stamp = ev.get("timestamp")
-    if not isinstance(stamp, str):
-        return None
-    try:
-        t = datetime.fromisoformat(stamp)
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=UTC)
-    return t.timestamp()
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -109,7 +94,7 @@ class HistoryStats:
         if not isinstance(ev, dict):
             self.ignored += 1
             return
-        et, t = ev.get("type"), _event_time(ev)
+        et, t = ev.get("type"), event_time(ev)
         payload = ev.get("payload")
         task_type = payload.get("task_type") if isinstance(payload, dict) else None
         if t is None or not isinstance(task_type, str):
@@ -334,7 +319,7 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
     if problem:
         head.append(f"\n{safe(problem)} (showing the last numbers)", style="bold red")
 
-    types = Table(title="task types", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    types = make_table("task types", pad_edge=False)
     types.add_column("type", no_wrap=True)
     types.add_column("group", no_wrap=True)
     for col in ("done/s", "fail/s", "p50", "p99", "queued", "running", "redeliv", "oldest"):
@@ -366,9 +351,7 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
                 workers_cell(r),
             )
 
-    workers = Table(
-        title=f"{len(snap.workers)} worker(s)", title_justify="left", box=box.SIMPLE_HEAD
-    )
+    workers = make_table(f"{len(snap.workers)} worker(s)")
     workers.add_column("worker", no_wrap=True)
     for col in ("lang", "host:pid", "handlers", "groups", "partitions held"):
         workers.add_column(col)
@@ -392,7 +375,7 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
             ),
         )
 
-    parts = Table(title="partition maps", title_justify="left", box=box.SIMPLE_HEAD)
+    parts = make_table("partition maps")
     parts.add_column("group", no_wrap=True)
     parts.add_column("partitions", justify="right")
     parts.add_column("member: partitions")
@@ -407,7 +390,23 @@ def render(snap: Snapshot, url: str, problem: str = "") -> RenderableType:
             line.append(safe(m or "unassigned"), style="" if m else "red")
             line.append(f": {_ranges(ps)}")
         parts.add_row(safe_text(key), str(len(owners)), line)
-    return Group(head, types, *dead_notes(snap.queues), workers, parts)
+    # an empty table is a line that says so, not a header over nothing
+    out: list[RenderableType] = [head]
+    if types.row_count:
+        out.append(types)
+    else:
+        out.append(Text("\nno task types yet: nothing queued, consumed or run", style="dim"))
+    notes = dead_notes(snap.queues)
+    out += [*notes, Text()] if notes else []
+    if workers.row_count:
+        out.append(workers)
+    else:
+        out.append(Text("no live worker in the directory (KV workers)", style="dim"))
+    if parts.row_count:
+        out.append(parts)
+    else:
+        out.append(Text("no elastic groups (no partitioned handler)", style="dim"))
+    return Group(*out)
 
 
 # ------------------------------------------------------------------------ running

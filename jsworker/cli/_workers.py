@@ -17,7 +17,6 @@ import click
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
-from rich.table import Table
 from rich.text import Text
 
 from .. import _names as n
@@ -25,7 +24,7 @@ from .._aio import raise_if_cancelling
 from .._directory import list_workers
 from .._errors import NotProvisionedError
 from ._connect import ConnOptions, denied, denied_message, pass_conn, run, with_nc
-from ._output import CLIError, console, print_json, print_json_line, safe, safe_text
+from ._output import CLIError, console, make_table, print_json, print_json_line, safe, safe_text
 
 DEFAULT_TTL = 60.0  # the bucket's max age as `kv setup` creates it
 
@@ -54,7 +53,7 @@ def workers(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json(entries)
         return
-    table = Table(title=Text(f"{len(entries)} live worker(s) on {conn.display_url}"))
+    table = make_table(Text(f"{len(entries)} live worker(s) on {conn.display_url}"))
     table.add_column("worker id", no_wrap=True)
     for col in ("task types", "groups", "partitions", "host", "pid", "lang"):
         table.add_column(col)
