@@ -33,7 +33,8 @@ import jsworker
 
 
 async def submit_jsworker(nc: NATS, task_type: str, n: int) -> float:
-    client = jsworker.Client(nc)
+    # the no-worker check runs (nobody serves the bench's types); only its warning is off
+    client = jsworker.Client(nc, warn_no_worker=False)
     reqs = [jsworker.TaskRequest(task_type, {"i": i}) for i in range(n)]
     t0 = time.perf_counter()
     handles = await client.submit_many(reqs, window=1024)

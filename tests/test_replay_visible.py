@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from test_ops_cli import cli
 
 import jsworker
 from jsworker._dead import list_dead, replay_dead
@@ -89,17 +88,6 @@ async def test_replay_of_a_still_failing_task_is_recorded(
 async def _longer(coro: Any, n: int) -> Any:
     got = await coro
     return got if len(got) >= n else None
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jsworker.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**env, "COLUMNS": "300", "NO_COLOR": "1"},
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_cli_replay_says_how_to_follow_it(

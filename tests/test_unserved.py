@@ -5,27 +5,15 @@ prints each retry as it happens."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig
+from test_ops_cli import cli
 
 import jsworker
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jsworker.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**env, "COLUMNS": "300", "NO_COLOR": "1"},
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_client_warns_when_no_worker_serves_the_type(
