@@ -779,15 +779,25 @@ async def test_a_singleton_shared_with_a_go_member_runs_one_task_at_a_time(
 
     try:
         async with worker:
-            kv = await dnc.jetstream().key_value("elastic-consumer-groups")
-            cfg = json.loads((await kv.get(f"TASK_QUEUES.workers-{t}")).value or b"")
-            assert cfg["max_members"] == 1 and len(cfg["members"]) == 2
-            runs = [engine.start_run(name, {"i": i}) for i in range(20)]
-            results = [await wait_run(dnc, r) for r in runs]
+            try:
+                kv = await dnc.jetstream().key_value("elastic-consumer-groups")
+                cfg = json.loads((await kv.get(f"TASK_QUEUES.workers-{t}")).value or b"")
+                assert cfg["max_members"] == 1 and len(cfg["members"]) == 2
+                runs = [engine.start_run(name, {"i": i}) for i in range(20)]
+                results = [await wait_run(dnc, r) for r in runs]
+            finally:
+                go_ran = peer.stop()
+            assert all(r["status"] == "completed" for r in results)
+            # one member holds the only partition: one process ran them all, each once
+            assert sorted(ran + [r for r, _, _ in go_ran]) == sorted(runs)
+            assert not (ran and go_ran)
+            # with the Go member gone the partition is jsworker's: it runs the rest, one at a time
+            before = len(ran)
+            later = [engine.start_run(name, {"i": i}) for i in range(20, 30)]
+            done = [await wait_run(dnc, r) for r in later]
+            assert all(r["status"] == "completed" for r in done)
     finally:
-        go_ran = peer.stop()
-    assert all(r["status"] == "completed" for r in results)
+        if peer.proc.poll() is None:  # the worker failed to start
+            peer.proc.kill()
+    assert sorted(ran[before:]) == sorted(later)
     assert most == 1
-    # one member holds the only partition: one process ran them all, each once
-    assert sorted(ran + [r for r, _, _ in go_ran]) == sorted(runs)
-    assert not (ran and go_ran)
