@@ -84,16 +84,19 @@ class Peer:
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline()
         assert first.strip() == "ready", first
+        self._ran: list[tuple[str, str, int]] | None = None
 
     def stop(self) -> list[tuple[str, str, int]]:
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=40)
-        ran = []
-        for line in out.splitlines():
-            if line.startswith("ran "):
-                _, run, sid, attempt = line.split()
-                ran.append((run, sid, int(attempt)))
-        return ran
+        """Stop the process (once; later calls return the same list): (run, step, attempt)s."""
+        if self._ran is None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=40)
+            self._ran = []
+            for line in out.splitlines():
+                if line.startswith("ran "):
+                    _, run, sid, attempt = line.split()
+                    self._ran.append((run, sid, int(attempt)))
+        return self._ran
 
 
 # ---------------------------------------------------------------------- DAGs
@@ -779,14 +782,12 @@ async def test_a_singleton_shared_with_a_go_member_runs_one_task_at_a_time(
 
     try:
         async with worker:
-            try:
-                kv = await dnc.jetstream().key_value("elastic-consumer-groups")
-                cfg = json.loads((await kv.get(f"TASK_QUEUES.workers-{t}")).value or b"")
-                assert cfg["max_members"] == 1 and len(cfg["members"]) == 2
-                runs = [engine.start_run(name, {"i": i}) for i in range(20)]
-                results = [await wait_run(dnc, r) for r in runs]
-            finally:
-                go_ran = peer.stop()
+            kv = await dnc.jetstream().key_value("elastic-consumer-groups")
+            cfg = json.loads((await kv.get(f"TASK_QUEUES.workers-{t}")).value or b"")
+            assert cfg["max_members"] == 1 and len(cfg["members"]) == 2
+            runs = [engine.start_run(name, {"i": i}) for i in range(20)]
+            results = [await wait_run(dnc, r) for r in runs]
+            go_ran = peer.stop()
             assert all(r["status"] == "completed" for r in results)
             # one member holds the only partition: one process ran them all, each once
             assert sorted(ran + [r for r, _, _ in go_ran]) == sorted(runs)
@@ -797,7 +798,6 @@ async def test_a_singleton_shared_with_a_go_member_runs_one_task_at_a_time(
             done = [await wait_run(dnc, r) for r in later]
             assert all(r["status"] == "completed" for r in done)
     finally:
-        if peer.proc.poll() is None:  # the worker failed to start
-            peer.proc.kill()
+        peer.stop()
     assert sorted(ran[before:]) == sorted(later)
     assert most == 1
